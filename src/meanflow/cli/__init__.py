@@ -1,0 +1,32 @@
+"""Command-line interface: ``meanflow <command> ...`` (also ``python -m meanflow``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines ``register(subparsers)``, adding a sub-command whose ``func(args)`` runs it.
+COMMANDS = ("train", "sample", "evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meanflow", description="Train and sample one-step MeanFlow generative models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"meanflow.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"meanflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Configuration: typed dataclasses, named YAML presets and ``key=value`` overrides.
+
+A run is described by one :class:`Config`. It is built from a named preset (``configs/NAME.yaml``
+shipped with the package) or a user YAML file, then ``key=value`` overrides from the command line
+(``train.steps=2000``, ``objective.kind=flow_matching``). Everything is validated here, once, with
+messages that name the offending key; math code never sees this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    """Network preset (see ``meanflow.models.available()``) and its constructor arguments.
+
+    Data-dependent arguments (``dim`` for MLPs, ``in_channels``/``input_size`` for image models,
+    ``num_classes``) are filled in from the data set unless given here.
+    """
+
+    name: str = "mlp"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Training data. ``name``: a toy distribution (checkerboard, 8gaussians, moons, spirals),
+    ``points`` (a .npy/.npz/.csv file at ``path``), or an image source (digits, folder, npz,
+    cifar10, mnist, latents)."""
+
+    name: str = "checkerboard"
+    path: str | None = None
+    num_samples: int = 100_000
+    image_size: int | None = None
+    flip: bool = False
+    conditional: bool = True
+    download: bool = False
+    holdout: int = 10_000
+
+
+@dataclass
+class ObjectiveConfig:
+    """MeanFlow / Flow Matching loss options (see ``meanflow.MeanFlowLoss``)."""
+
+    kind: str = "meanflow"
+    ratio: float = 0.25
+    time_sampler: str = "lognorm"
+    mu: float = -0.4
+    sigma: float = 1.0
+    r_mu: float = -4.0
+    r_sigma: float = 1.6
+    weight_power: float = 1.0
+    weight_eps: float = 1e-3
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 1.0
+    label_drop: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. ``batch_size`` is the *global* batch (all processes)."""
+
+    steps: int = 4000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    ema_decays: list = field(default_factory=lambda: [0.999])
+    precision: str = "fp32"
+    compile: bool = False
+    log_every: int = 50
+    sample_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 20
+    num_workers: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training and by ``meanflow eval``: NFE list, sample count, weights."""
+
+    steps: list = field(default_factory=lambda: [1, 2])
+    num_samples: int = 10_000
+    batch_size: int = 1000
+    ema: bool = True
+    baseline_ode_steps: int = 100
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "objective.kind": ("meanflow", "flow_matching"),
+    "objective.time_sampler": ("uniform", "lognorm", "cifar_v1"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.precision": ("fp32", "bf16"),
+}
+POSITIVE = ("train.steps", "train.batch_size", "train.lr", "data.num_samples", "eval.num_samples", "eval.batch_size", "train.max_bad_steps", "train.keep_checkpoints")
+NON_NEGATIVE = ("seed", "train.warmup_steps", "train.grad_clip", "train.weight_decay", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.num_workers", "data.holdout", "objective.weight_power")
+UNIT_INTERVAL = ("objective.ratio", "objective.label_drop", "objective.t_start", "objective.t_end")
+
+
+def available_configs() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from a preset name or YAML path plus ``key=value`` overrides."""
+    raw = _read_yaml(name_or_path) if name_or_path else {}
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_nested(raw, key, value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Typed, validated config from a nested dict (unknown keys are errors)."""
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; raise :class:`ConfigError` naming the key."""
+    flat = _flatten(cfg.to_dict())
+    for key, options in CHOICES.items():
+        if flat[key] not in options:
+            raise ConfigError(f"{key} must be one of {', '.join(options)}; got {flat[key]!r}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key} must be > 0; got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0; got {flat[key]!r}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1]; got {flat[key]!r}")
+    if cfg.objective.t_start > cfg.objective.t_end:
+        raise ConfigError(f"objective.t_start ({cfg.objective.t_start}) must not exceed objective.t_end ({cfg.objective.t_end})")
+    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
+    if not cfg.train.ema_decays or not all(0.0 < d < 1.0 for d in cfg.train.ema_decays):
+        raise ConfigError(f"train.ema_decays must be a non-empty list of numbers in (0, 1); got {cfg.train.ema_decays!r}")
+    if not cfg.eval.steps or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.steps):
+        raise ConfigError(f"eval.steps must be a non-empty list of positive integers; got {cfg.eval.steps!r}")
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        preset = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not preset.exists():
+            hint = difflib.get_close_matches(name_or_path, available_configs(), n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown config {name_or_path!r}; presets: {', '.join(available_configs())}.{extra}")
+        path = preset
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (for example train.steps=1000)")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_nested(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            extra = f"; did you mean {prefix}{hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown config key {prefix}{key!r}{extra} (known: {', '.join(prefix + f for f in fields)})")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value: Any, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    if hint is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return list(value)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return dict(value)
+    return value
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flatten(value, prefix + key + "."))
+        else:
+            out[prefix + key] = value
+    return out

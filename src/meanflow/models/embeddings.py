@@ -1,0 +1,84 @@
+"""Conditioning embeddings shared by every model family.
+
+MeanFlow networks are conditioned on the pair (t, t - r) (paper Table 1c) through two
+sinusoidal timestep embedders whose outputs are summed, and optionally on a class label
+with an extra *null* class used for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of continuous times.
+
+    Args:
+        t: (B,) times, typically in [0, 1]; scaled by 1000 so that the frequencies cover the
+            same range as the usual integer diffusion steps.
+        dim: feature width (even or odd; an odd width gets one zero column).
+
+    Returns:
+        (B, dim) features ``[cos(w_k * 1000 t), sin(w_k * 1000 t)]``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if t.is_floating_point() else emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features followed by a two-layer MLP: (B,) -> (B, hidden)."""
+
+    def __init__(self, hidden: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = sinusoidal_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(freq)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row for the null (dropped) label.
+
+    Labels are integers in [0, num_classes]; ``num_classes`` itself is the null class.
+    """
+
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels)
+
+
+class MeanFlowConditioning(nn.Module):
+    """Embeds (r, t, label) into one vector: emb_t(t) + emb_h(t - r) [+ emb_y(label)].
+
+    ``labels=None`` (or a model without classes) means unconditional; for a class-conditional
+    model ``labels=None`` is read as "all null", i.e. the unconditional branch of CFG.
+    """
+
+    def __init__(self, hidden: int, num_classes: int = 0, frequency_dim: int = 256):
+        super().__init__()
+        self.num_classes = num_classes
+        self.t_embed = TimestepEmbedder(hidden, frequency_dim)
+        self.h_embed = TimestepEmbedder(hidden, frequency_dim)
+        self.y_embed = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
+
+    def forward(self, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """r, t: (B,); labels: (B,) int64 or None. Returns (B, hidden)."""
+        c = self.t_embed(t) + self.h_embed(t - r)
+        if self.y_embed is not None:
+            if labels is None:
+                labels = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)
+            c = c + self.y_embed(labels)
+        return c

@@ -1,0 +1,51 @@
+"""Residual MLP for low-dimensional data (2-D toys, user point clouds of any dimension)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .embeddings import MeanFlowConditioning
+from .registry import register
+
+
+class ResidualBlock(nn.Module):
+    """LayerNorm -> FiLM from the conditioning -> Linear -> SiLU -> Linear, added back."""
+
+    def __init__(self, width: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.film = nn.Linear(width, 2 * width)
+        self.net = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, width))
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(c).chunk(2, dim=-1)  # (B, W) each
+        return h + self.net(self.norm(h) * (1 + scale) + shift)
+
+
+class MLP(nn.Module):
+    """u(z, r, t, labels): (B, dim) -> (B, dim), conditioned on emb_t(t) + emb_h(t - r)."""
+
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0):
+        super().__init__()
+        if dim < 1 or width < 1 or depth < 1:
+            raise ValueError(f"MLP needs dim, width, depth >= 1, got {dim}, {width}, {depth}")
+        self.dim = dim
+        self.num_classes = num_classes
+        self.cond = MeanFlowConditioning(width, num_classes, frequency_dim=min(256, 4 * width))
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"MLP built for data of shape (B, {self.dim}) got input of shape {tuple(z.shape)}")
+        c = torch.nn.functional.silu(self.cond(r, t, labels))  # (B, W)
+        h = self.inp(z)  # (B, W)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(h)  # (B, dim)
+
+
+@register("mlp")
+def mlp(**kwargs) -> MLP:
+    return MLP(**kwargs)

@@ -1,0 +1,284 @@
+"""The MeanFlow objective (Geng et al., 2025) and Flow Matching as its r = t special case.
+
+A network u(z, r, t) predicts the average velocity between times r <= t. Differentiating
+(t - r) u = int_r^t v ds with respect to t gives the MeanFlow identity and the target
+
+    u_tgt = v - (t - r) * du/dt,     du/dt = v . d_z u + d_t u   (one JVP, tangent (v, 0, 1))
+    loss  = mean_i  sg(w_i) * d_i,   d_i = ||u_i - sg(u_tgt_i)||^2,   w_i = 1 / (d_i + c)^p
+
+Samples with r = t have u_tgt = v (the factor t - r vanishes), so only the r != t part of the
+batch, a fixed count per batch, goes through ``torch.func.jvp``; its primal output carries the
+gradient (no extra forward pass). The r = t part is an ordinary forward pass. With classifier-free
+guidance the field v is replaced, in the target *and* in the tangent, by
+
+    v_g = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null)
+
+(no gradient), for samples whose label was kept and whose t lies in [t_start, t_end].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .path import _expand, conditional_velocity, interpolate
+from .time_samplers import TimeSampler, jvp_mask
+
+Stats = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a local batch sits in the global batch of one training step.
+
+    The noise, times and label drops of the whole global batch are drawn from one generator and
+    this shard's slice is used, so every sample's randomness depends only on (generator seed,
+    global index): training is the same on one process or many.
+    """
+
+    offset: int = 0
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Per-sample randomness of one batch. noise: (B, ...); r, t: (B,); dropped: (B,) bool."""
+
+    noise: torch.Tensor
+    r: torch.Tensor
+    t: torch.Tensor
+    dropped: torch.Tensor
+    jvp_index: torch.Tensor
+    fm_index: torch.Tensor
+
+
+class MeanFlowLoss:
+    """MeanFlow loss: ``loss, stats = loss_fn(model, x, labels=None)``.
+
+    Args:
+        ratio: fraction of each batch with r != t (paper: 0.25 on ImageNet, 0.75 on CIFAR-10).
+        time_sampler: "lognorm" (default), "uniform" or "cifar_v1"; see ``time_samplers``.
+        mu, sigma, r_mu, r_sigma: parameters of the logit-normal time samplers.
+        weight_power: p of the adaptive weight 1 / (d + c)^p (0 = plain squared error).
+        weight_eps: c of the adaptive weight.
+        omega, kappa: guidance mixing inside the target (omega = 1, kappa = 0: no guidance).
+        t_start, t_end: guidance is applied only for t in [t_start, t_end].
+        label_drop: probability of replacing a label by the null class (class-conditional models).
+        jvp_subset: run the JVP only on the r != t samples (True) or on the whole batch (False,
+            the reference computation; identical loss and gradients, more work).
+
+    The model must be callable as ``model(z, r, t, labels)`` and, when labels are used, expose
+    ``num_classes`` (the null label is ``num_classes``).
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.25,
+        time_sampler: str = "lognorm",
+        mu: float = -0.4,
+        sigma: float = 1.0,
+        r_mu: float = -4.0,
+        r_sigma: float = 1.6,
+        weight_power: float = 1.0,
+        weight_eps: float = 1e-3,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        t_start: float = 0.0,
+        t_end: float = 1.0,
+        label_drop: float = 0.1,
+        jvp_subset: bool = True,
+    ):
+        _check_range("ratio", ratio, 0.0, 1.0)
+        _check_range("label_drop", label_drop, 0.0, 1.0)
+        _check_range("t_start", t_start, 0.0, 1.0)
+        _check_range("t_end", t_end, t_start, 1.0)
+        if weight_power < 0 or weight_eps <= 0:
+            raise ValueError(f"adaptive weighting needs weight_power >= 0 and weight_eps > 0, got {weight_power}, {weight_eps}")
+        if omega <= 0:
+            raise ValueError(f"guidance scale omega must be > 0, got {omega}")
+        self.ratio = ratio
+        self.time_sampler = TimeSampler(time_sampler, mu, sigma, r_mu, r_sigma)
+        self.weight_power = weight_power
+        self.weight_eps = weight_eps
+        self.omega, self.kappa = omega, kappa
+        self.t_start, self.t_end = t_start, t_end
+        self.label_drop = label_drop
+        self.jvp_subset = jvp_subset
+
+    @property
+    def guided(self) -> bool:
+        return not (self.omega == 1.0 and self.kappa == 0.0)
+
+    def draw(self, x: torch.Tensor, generator: torch.Generator | None = None, shard: Shard | None = None) -> Draws:
+        """Draw noise, (r, t) and label drops for the batch x of shape (B, ...)."""
+        shard = shard or Shard()
+        size, total = x.shape[0], shard.total or x.shape[0]
+        if shard.offset < 0 or shard.offset + size > total:
+            raise ValueError(f"shard [{shard.offset}, {shard.offset + size}) lies outside a global batch of {total}")
+        device = generator.device if generator is not None else x.device
+        local = slice(shard.offset, shard.offset + size)
+        noise = torch.randn((total, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)[local]
+        normals = torch.randn((2, total), generator=generator, device=device, dtype=torch.float64)[:, local]
+        drop_u = torch.rand(total, generator=generator, device=device, dtype=torch.float64)[local]
+        r, t = self.time_sampler(normals[0], normals[1])
+        mask = jvp_mask(self.ratio, shard.offset, size, total)
+        keep = torch.tensor(mask, device=device)
+        r = torch.where(keep, r, t)
+        jvp_index = torch.tensor([i for i, m in enumerate(mask) if m], dtype=torch.long)
+        fm_index = torch.tensor([i for i, m in enumerate(mask) if not m], dtype=torch.long)
+        to = dict(device=x.device)
+        return Draws(
+            noise=noise.to(**to),
+            r=r.to(dtype=x.dtype, **to),
+            t=t.to(dtype=x.dtype, **to),
+            dropped=(drop_u < self.label_drop).to(**to),
+            jvp_index=jvp_index.to(**to),
+            fm_index=fm_index.to(**to),
+        )
+
+    def __call__(
+        self,
+        model: nn.Module | Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        shard: Shard | None = None,
+    ) -> tuple[torch.Tensor, Stats]:
+        """Loss (scalar, differentiable) and plain-float diagnostics for a data batch x (B, ...)."""
+        draws = self.draw(x, generator, shard)
+        labels = self._labels(model, labels, draws.dropped, x.shape[0])
+        z = interpolate(x, draws.noise, draws.t)
+        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels)
+        if self.jvp_subset:
+            u, target, dudt = self._subset_forward(model, z, draws, v, labels)
+        else:
+            u, target, dudt = self._full_forward(model, z, draws.r, draws.t, v, labels)
+        return self._reduce(u, target, dudt, draws)
+
+    def guided_velocity(
+        self, model: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """v_g of the module docstring, (B, ...); equals v where no guidance applies."""
+        if not self.guided:
+            return v
+        null = torch.full_like(labels, _num_classes(model))
+        with torch.no_grad():
+            if self.kappa != 0.0:
+                u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([labels, null])).to(v.dtype)
+                u_cond, u_null = u_both.chunk(2)
+            else:
+                u_cond, u_null = 0.0, model(z, t, t, null).to(v.dtype)
+            v_g = self.omega * v + self.kappa * u_cond + (1.0 - self.omega - self.kappa) * u_null
+        apply = (labels != null) & (t >= self.t_start) & (t <= self.t_end)
+        return torch.where(_expand(apply, v).bool(), v_g, v)
+
+    def _labels(self, model, labels: torch.Tensor | None, dropped: torch.Tensor, size: int) -> torch.Tensor | None:
+        """Labels fed to the network: dropped ones replaced by the null class."""
+        num_classes = _num_classes(model)
+        if num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels were given but the model is unconditional (num_classes = 0)")
+            if self.guided:
+                raise ValueError("guidance (omega != 1 or kappa != 0) needs a class-conditional model")
+            return None
+        if labels is None:
+            return torch.full((size,), num_classes, dtype=torch.long, device=dropped.device)
+        if labels.shape != (size,):
+            raise ValueError(f"labels must have shape ({size},), got {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes - 1}], got range [{int(labels.min())}, {int(labels.max())}]")
+        return torch.where(dropped, torch.full_like(labels, num_classes), labels)
+
+    def _subset_forward(self, model, z, draws: Draws, v, labels):
+        """Forward on the r = t part, one jvp on the r != t part. Returns u, target, dudt (B, ...)."""
+        fm, mf = draws.fm_index, draws.jvp_index
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        us, targets, dudts = [], [], []
+        if fm.numel():
+            us.append(model(z[fm], draws.t[fm], draws.t[fm], _take(labels, fm)).to(dtype))
+            targets.append(v[fm].to(dtype))
+            dudts.append(torch.zeros_like(targets[-1]))
+        if mf.numel():
+            for out, part in zip((us, targets, dudts), self._jvp_target(model, z[mf], draws.r[mf], draws.t[mf], v[mf], _take(labels, mf))):
+                out.append(part)
+        inverse = _inverse(torch.cat([fm, mf]))
+        return tuple(torch.cat(parts).index_select(0, inverse) for parts in (us, targets, dudts))
+
+    def _full_forward(self, model, z, r, t, v, labels):
+        """Reference path: one jvp over the whole batch."""
+        return self._jvp_target(model, z, r, t, v, labels)
+
+    def _jvp_target(self, model, z, r, t, v, labels):
+        """u (with gradient), u_tgt = v - (t - r) du/dt (no gradient) and du/dt, all (n, ...).
+
+        The tangent (v, 0, 1) of (z, r, t) makes the JVP the total derivative d/dt u along the path.
+        Target math runs in float32 (or float64 when the inputs are float64).
+        """
+
+        def fn(z_, r_, t_):
+            return model(z_, r_, t_, labels)
+
+        u, dudt = torch.func.jvp(fn, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        u, dudt = u.to(dtype), dudt.detach().to(dtype)
+        h = _expand((t - r).clamp(0, 1), u).to(dtype)
+        target = (v.to(dtype) - h * dudt).detach()
+        return u, target, dudt
+
+    def _reduce(self, u, target, dudt, draws: Draws) -> tuple[torch.Tensor, Stats]:
+        """Adaptive-weighted loss and diagnostics from per-sample squared errors."""
+        sq = (u - target.detach()).pow(2).flatten(1)  # (B, D)
+        d = sq.sum(1)  # (B,)
+        w = 1.0 / (d.detach() + self.weight_eps).pow(self.weight_power)
+        loss = (w * d).mean()
+        per_dim = sq.detach().mean(1)
+        mf, fm = draws.jvp_index, draws.fm_index
+        nan = per_dim.new_tensor(float("nan"))
+        values = torch.stack([
+            loss.detach(),
+            per_dim.mean(),
+            per_dim[fm].mean() if fm.numel() else nan,
+            per_dim[mf].mean() if mf.numel() else nan,
+            dudt.detach().abs().flatten(1)[mf].mean() if mf.numel() else nan,
+        ]).tolist()
+        names = ("loss", "mse", "mse_fm", "mse_mf", "dudt_abs")
+        stats = dict(zip(names, values))
+        stats["frac_jvp"] = mf.numel() / u.shape[0]
+        return loss, stats
+
+
+class FlowMatchingLoss(MeanFlowLoss):
+    """Flow Matching baseline: the MeanFlow code with every sample at r = t (no JVP).
+
+    Defaults to plain squared error (``weight_power = 0``): a fair baseline does not inherit
+    MeanFlow's adaptive weighting (see MEANFLOW.md section 4).
+    """
+
+    def __init__(self, weight_power: float = 0.0, **options):
+        if options.pop("ratio", 0.0) != 0.0:
+            raise ValueError("FlowMatchingLoss has no r != t samples; use MeanFlowLoss for ratio > 0")
+        super().__init__(ratio=0.0, weight_power=weight_power, **options)
+
+
+def _num_classes(model) -> int:
+    inner = getattr(model, "module", model)
+    return int(getattr(inner, "num_classes", 0) or 0)
+
+
+def _take(labels: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if labels is None else labels[index]
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """Inverse permutation: out[perm[i]] = i."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")

@@ -1,0 +1,73 @@
+"""Samplers of the time pair (r, t) with 0 <= r <= t <= 1.
+
+Every sampler is a pure function of standard-normal draws, so the caller owns the randomness
+(see :class:`meanflow.objectives.meanflow.MeanFlowLoss`):
+
+* ``uniform``: two U(0, 1) values, t = max, r = min.
+* ``lognorm``: two logit-normal values sigmoid(N(mu, sigma)), t = max, r = min (paper default,
+  ImageNet: mu = -0.4, sigma = 1.0).
+* ``cifar_v1``: the official CIFAR-10 code: t ~ lognorm(mu, sigma), r ~ lognorm(r_mu, r_sigma),
+  r = min(r, t) (defaults mu = -0.6, sigma = 1.6, r_mu = -4.0, r_sigma = 1.6).
+
+Which samples keep r != t is decided separately by :func:`jvp_mask` (a fixed count per batch);
+for the others r is set to t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TIME_SAMPLERS = ("uniform", "lognorm", "cifar_v1")
+
+
+@dataclass(frozen=True)
+class TimeSampler:
+    """Configuration of the (r, t) distribution; see the module docstring."""
+
+    kind: str = "lognorm"
+    mu: float = -0.4
+    sigma: float = 1.0
+    r_mu: float = -4.0
+    r_sigma: float = 1.6
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIME_SAMPLERS:
+            raise ValueError(f"time sampler kind must be one of {TIME_SAMPLERS}, got {self.kind!r}")
+        if self.sigma <= 0 or self.r_sigma <= 0:
+            raise ValueError(f"time sampler sigmas must be > 0, got sigma={self.sigma}, r_sigma={self.r_sigma}")
+
+    def __call__(self, n1: torch.Tensor, n2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map two (B,) standard-normal draws to (r, t), each (B,), with r <= t."""
+        if self.kind == "uniform":
+            a, b = _normal_cdf(n1), _normal_cdf(n2)
+            return torch.minimum(a, b), torch.maximum(a, b)
+        if self.kind == "lognorm":
+            a = torch.sigmoid(self.mu + self.sigma * n1)
+            b = torch.sigmoid(self.mu + self.sigma * n2)
+            return torch.minimum(a, b), torch.maximum(a, b)
+        t = torch.sigmoid(self.mu + self.sigma * n1)
+        r = torch.sigmoid(self.r_mu + self.r_sigma * n2)
+        return torch.minimum(r, t), t
+
+
+def _normal_cdf(n: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(n / 2**0.5))
+
+
+def jvp_count(ratio: float, total: int) -> int:
+    """Number of samples with r != t in a global batch of ``total`` samples."""
+    return int(round(ratio * total))
+
+
+def jvp_mask(ratio: float, offset: int, size: int, total: int) -> list[bool]:
+    """Which samples of a shard keep r != t.
+
+    The global batch of ``total`` samples has exactly ``jvp_count(ratio, total)`` samples with
+    r != t, spread evenly over global indices (sample g is selected when
+    floor((g + 1) n / total) > floor(g n / total)). A shard holds global indices
+    [offset, offset + size). The pattern depends only on global indices, so it is the same on
+    one process or many, and the count per shard is fixed (deterministic shapes).
+    """
+    n = jvp_count(ratio, total)
+    return [((g + 1) * n) // total > (g * n) // total for g in range(offset, offset + size)]
