@@ -1,0 +1,33 @@
+"""``meanflow eval``: score a trained run or checkpoint; metrics JSON to stdout (and --out)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained model (metrics as JSON)", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (newest checkpoint)")
+    src.add_argument("--checkpoint", help="checkpoint directory")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="NFE values to evaluate (default: config eval.steps)")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default: config eval.num_samples)")
+    p.add_argument("--method", default=None, choices=("meanflow", "euler", "heun"), help="only this sampler (default: MeanFlow + ODE baseline)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..metrics.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
+                           ema=not args.raw, device=args.device, method=args.method)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0

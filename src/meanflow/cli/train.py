@@ -1,0 +1,64 @@
+"""``meanflow train``: train a config (preset name or YAML) with ``key=value`` overrides."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a MeanFlow / Flow Matching model", description=__doc__)
+    p.add_argument("--config", default="toy", help="preset name (see `meanflow configs`) or a YAML file (default: toy)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=2000 objective.kind=flow_matching")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..training.trainer import train
+
+    if args.resume:
+        out = Path(args.resume)
+        source = out / "config.yaml"
+        if not source.exists():
+            raise FileNotFoundError(f"--resume {out}: no config.yaml there (is it a run directory?)")
+        cfg = load_config(str(source), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    train(cfg, out, resume=bool(args.resume))
+    if not args.no_eval and _is_main():
+        finish_run(out)
+    return 0
+
+
+def finish_run(out: Path) -> None:
+    """Write ``metrics.json`` and a 1-NFE preview next to the data; print the metrics."""
+    from ..metrics.evaluate import evaluate_run, save_preview
+    from ..data import load_dataset
+    from ..config import load_config
+    from ..training.inference import load_model
+
+    metrics = evaluate_run(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    cfg = load_config(str(out / "config.yaml"))
+    model, _ = load_model(out)
+    train_set, _ = load_dataset(cfg.data, cfg.seed)
+    preview = save_preview(model, train_set, out / "samples_1nfe.png", steps=1, seed=cfg.seed)
+    print(json.dumps(metrics["results"], indent=2))
+    print(f"run directory: {out}  (preview: {preview}, metrics: {out / 'metrics.json'})")
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

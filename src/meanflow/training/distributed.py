@@ -1,0 +1,111 @@
+"""Process-group helpers for torchrun (NCCL on GPUs, gloo on CPU).
+
+``torch.func.jvp`` cannot run through a DistributedDataParallel wrapper, and calling the inner
+module silently skips DDP's gradient all-reduce. We therefore never wrap the model: after every
+backward pass :func:`all_reduce_gradients` averages the gradients of all ranks explicitly, which is
+correct whatever the loss did with forward-mode AD, and :func:`check_in_sync` verifies that the
+parameters agree on every rank (run at the first step and on demand).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
+    """Average every parameter's gradient over all ranks (one flat buffer, one collective).
+
+    Parameters without a gradient contribute zeros, so every rank issues the same collective.
+    """
+    if world_size <= 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def parameter_checksum(model: nn.Module) -> torch.Tensor:
+    """(2,) float64: sum and sum of squares of all parameters weighted by position (order-sensitive)."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    return torch.stack([(flat * weights).sum(), (flat * flat).sum()])
+
+
+def check_in_sync(model: nn.Module, info: DistInfo, step: int) -> None:
+    """Raise RuntimeError when the parameters differ between ranks (bitwise checksum comparison)."""
+    if not info.enabled:
+        return
+    local = parameter_checksum(model)
+    gathered = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(gathered, local)
+    bad = [r for r, c in enumerate(gathered) if not torch.equal(c, gathered[0])]
+    if bad:
+        raise RuntimeError(
+            f"parameters differ between ranks at step {step} (ranks {bad} disagree with rank 0): gradient "
+            "synchronisation is broken; stopping before the run diverges silently"
+        )
+
+
+def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average a dict of floats over ranks (NaN-aware only in the sense that NaN propagates)."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, (t / info.world_size).tolist()))
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

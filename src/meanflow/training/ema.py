@@ -1,0 +1,40 @@
+"""Exponential moving averages of the parameters, several decays at once."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copies ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` for each decay.
+
+    Buffers (none in our models, but allowed) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decays: list[float]):
+        self.decays = [float(d) for d in decays]
+        self.shadows = [{k: v.detach().clone().float() for k, v in model.state_dict().items()} for _ in self.decays]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for decay, shadow in zip(self.decays, self.shadows):
+            for name, value in model.state_dict().items():
+                if name in params:
+                    shadow[name].lerp_(value.float(), 1.0 - decay)
+                else:
+                    shadow[name].copy_(value)
+
+    def state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
+        return self.shadows[index]
+
+    def load_state_dict(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadows[index]) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the model (differing keys: {sorted(missing)[:5]})")
+        self.shadows[index] = {k: v.float().clone() for k, v in state.items()}
+
+    @staticmethod
+    def file_name(index: int, decay: float) -> str:
+        """``ema.safetensors`` for the first decay, ``ema_<decay>.safetensors`` for the others."""
+        return "ema.safetensors" if index == 0 else f"ema_{decay:g}.safetensors"

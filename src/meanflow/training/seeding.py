@@ -1,0 +1,53 @@
+"""Randomness as a pure function of (seed, step, stream), and the global data order.
+
+Every random draw of a training step comes from a generator seeded by ``derive_seed(seed, step,
+stream)``; the loss draws the whole *global* batch and keeps its shard. Nothing depends on the
+rank or the number of processes, and a resumed run needs no saved RNG state to continue exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+STREAMS = {"loss": 0, "augment": 1, "dropout": 2, "data": 3, "sample": 4}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes, machines and Python versions."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, step: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """Generator for one (seed, step, stream) triple on ``device``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, step, STREAMS[stream]))
+    return gen
+
+
+class GlobalBatchOrder:
+    """Indices of the global batch of every step: a fresh seeded permutation per epoch, last partial
+    batch dropped. Rank k of W takes the k-th of W equal slices, so the union over ranks is the
+    same global batch whatever W is.
+    """
+
+    def __init__(self, num_items: int, global_batch: int, seed: int):
+        if global_batch > num_items:
+            raise ValueError(f"global batch size {global_batch} exceeds the data set size {num_items}")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.steps_per_epoch = num_items // global_batch
+        self._epoch, self._perm = -1, None
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        """(global_batch,) int64 indices of the step's global batch."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAMS["data"]))
+            self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=gen)
+        return self._perm[pos * self.global_batch:(pos + 1) * self.global_batch]
+
+    def local_indices(self, step: int, rank: int, world_size: int) -> torch.Tensor:
+        """(global_batch // world_size,) indices of this rank's shard."""
+        local = self.global_batch // world_size
+        return self.global_indices(step)[rank * local:(rank + 1) * local]

@@ -1,0 +1,272 @@
+"""The training loop: read top to bottom.
+
+One step: take this rank's shard of the global batch, draw all randomness from generators seeded
+by (seed, step), compute the loss, backpropagate, average gradients over ranks explicitly, skip
+the step if anything is non-finite, otherwise update the weights and the EMA. Checkpoints are
+atomic and carry everything needed to continue bit-for-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, save_config
+from ..data import load_dataset
+from ..data.base import Dataset
+from ..objectives import Shard
+from . import checkpoint as ckpt
+from . import distributed as D
+from .builders import build_loss, build_model, build_optimizer, learning_rate, model_spec
+from .ema import EMA
+from .logging import RunLogger
+from .seeding import GlobalBatchOrder, derive_seed, step_generator
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint."""
+
+    step: int = 0
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dataset, Dataset | None] | None = None) -> Path:
+    """Train ``cfg`` into the run directory ``out`` and return it.
+
+    ``resume=True`` continues from the newest complete checkpoint in ``out``. ``dataset`` replaces
+    the configured data with an explicit (train, reference) pair (the library API for your own data).
+    """
+    info = D.setup(cfg.train.device)
+    try:
+        return _train(cfg, Path(out), resume, dataset, info)
+    finally:
+        D.teardown()
+
+
+def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> Path:
+    if cfg.train.batch_size % info.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
+    _prepare_out(out, info, resume)
+    train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
+    spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes)
+    model = build_model(spec).to(info.device)
+    loss_fn = build_loss(cfg.objective)
+    optimizer = build_optimizer(model, cfg.train)
+    ema = EMA(model, cfg.train.ema_decays)
+    state = TrainState()
+    if resume:
+        state = _restore(out, spec, model, optimizer, ema, info)
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    meta = _meta(spec, train_set, cfg)
+    order = GlobalBatchOrder(len(train_set), cfg.train.batch_size, cfg.seed)
+    local = cfg.train.batch_size // info.world_size
+    forward = _maybe_compile(model, cfg)
+    logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
+    stop = _StopFlag()
+    autocast = _autocast(cfg, info.device)
+    try:
+        while state.step < cfg.train.steps:
+            step = state.step
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg.train)
+            x, labels = _batch(train_set, order, step, info, cfg)
+            torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 2))  # dropout masks
+            with autocast:
+                loss, stats = loss_fn(forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
+                                      shard=Shard(info.rank * local, cfg.train.batch_size))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            D.all_reduce_gradients(model, info.world_size)
+            grad_norm = _grad_norm(model, cfg.train.grad_clip)
+            stats = D.mean_over_ranks({**stats, "grad_norm": grad_norm, "stop": float(stop.requested)}, info)
+            state.step += 1
+            if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
+                _skip(state, cfg, out, logger, stats)
+            else:
+                state.consecutive_bad = 0
+                optimizer.step()
+                ema.update(model)
+                if step == 0 or state.step == cfg.train.steps:
+                    D.check_in_sync(model, info, state.step)
+            stats.update(lr=optimizer.param_groups[0]["lr"], bad_steps=state.bad_steps)
+            logger.step(step, stats, log=(state.step % cfg.train.log_every == 0) if cfg.train.log_every else False)
+            if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
+                _write_samples(model, ema, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
+            interrupted = stats["stop"] > 0
+            if interrupted or state.step == cfg.train.steps or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+                path = _save(out, model, optimizer, ema, state, meta, cfg, info)
+                if interrupted:
+                    logger.message(f"interrupted: saved {path}; continue with --resume {out}")
+                    break
+    finally:
+        logger.close()
+        stop.restore()
+    return out
+
+
+def _prepare_out(out: Path, info: D.DistInfo, resume: bool) -> None:
+    """Create the run directory and fail early if it is not writable or would be overwritten."""
+    if info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"output directory {out} is not writable: {err.strerror or err}") from err
+        if not resume and ckpt.latest_checkpoint(out / "checkpoints") is not None:
+            raise ConfigError(f"{out} already holds checkpoints; pass --resume {out} to continue or choose another --out")
+    D.barrier(info)
+
+
+def _batch(data: Dataset, order: GlobalBatchOrder, step: int, info: D.DistInfo, cfg: Config):
+    """This rank's (x, labels) for ``step``, with reproducible horizontal flips when enabled."""
+    index = order.local_indices(step, info.rank, info.world_size)
+    x, labels = data.get(index)
+    if cfg.data.flip and x.ndim == 4:
+        gen = step_generator(cfg.seed, step, "augment")
+        local = x.shape[0]
+        flip = (torch.rand(cfg.train.batch_size, generator=gen) < 0.5)[info.rank * local:(info.rank + 1) * local]
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = x.to(info.device, non_blocking=True)
+    return x, None if labels is None else labels.to(info.device, non_blocking=True)
+
+
+def _grad_norm(model: nn.Module, clip: float) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def _skip(state: TrainState, cfg: Config, out: Path, logger: RunLogger, stats: dict[str, float]) -> None:
+    """Count a non-finite step (weights, optimizer and EMA untouched); stop after too many in a row."""
+    state.bad_steps += 1
+    state.consecutive_bad += 1
+    logger.message(f"step {state.step}: non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}); step skipped")
+    if state.consecutive_bad >= cfg.train.max_bad_steps:
+        last = ckpt.latest_checkpoint(out / "checkpoints")
+        raise TrainingDiverged(
+            f"training stopped at step {state.step}: {state.consecutive_bad} consecutive steps had a non-finite loss or "
+            f"gradient (train.max_bad_steps={cfg.train.max_bad_steps}); weights were not updated by them. Last good "
+            f"checkpoint: {last if last else 'none'}. Lower train.lr, set train.grad_clip, or check the data for NaN/inf."
+        )
+
+
+def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config, info: D.DistInfo) -> Path | None:
+    path = None
+    if info.is_main:
+        files = {"model.safetensors": model.state_dict()}
+        for i, decay in enumerate(ema.decays):
+            files[EMA.file_name(i, decay)] = ema.state_dict(i)
+        files["trainer_state.pt"] = {
+            "step": state.step, "bad_steps": state.bad_steps, "consecutive_bad": state.consecutive_bad,
+            "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        files["meta.json"] = {**meta, "step": state.step}
+        files["config.yaml"] = (out / "config.yaml").read_text()
+        path = ckpt.save_checkpoint(out / "checkpoints", state.step, files, cfg.train.keep_checkpoints)
+    D.barrier(info)
+    return path
+
+
+def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> TrainState:
+    """Load the newest complete checkpoint of ``out`` into the live objects."""
+    report = print if info.is_main else None
+    path = ckpt.latest_checkpoint(out / "checkpoints", report)
+    if path is None:
+        raise FileNotFoundError(f"--resume {out}: no complete checkpoint under {out / 'checkpoints'}")
+    meta = ckpt.read_meta(path)
+    if meta.get("model") != spec:
+        raise ConfigError(f"checkpoint {path} was trained with model {meta.get('model')} but the config builds {spec}; resume with the run's own config.yaml")
+    _load_weights(model, ckpt.read_weights(path / "model.safetensors"), path)
+    for i, decay in enumerate(ema.decays):
+        ema.load_state_dict(i, ckpt.read_weights(path / EMA.file_name(i, decay)))
+    saved = ckpt.read_state(path)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if report:
+        report(f"resuming from {path} (step {saved['step']})")
+    return TrainState(step=saved["step"], bad_steps=saved["bad_steps"], consecutive_bad=saved["consecutive_bad"])
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise RuntimeError(f"weights in {path} do not match the model (different model config?): {err}") from err
+
+
+def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
+    guidance = {k: getattr(cfg.objective, k) for k in ("omega", "kappa", "t_start", "t_end", "label_drop")}
+    return {
+        "format": 1, "model": spec, "objective": cfg.objective.kind, "guidance": guidance,
+        "data": {"name": cfg.data.name, "kind": data.kind, "sample_shape": list(data.sample_shape),
+                 "num_classes": data.num_classes, "info": data.info},
+    }
+
+
+def _write_samples(model: nn.Module, ema: EMA, data: Dataset, cfg: Config, stem: Path, device) -> None:
+    """Sample grids (images) or scatter plots (points) from the EMA weights at 1 and 2 NFE."""
+    from ..metrics.evaluate import save_preview
+
+    net = ema_model(model, ema)
+    for steps in (1, 2):
+        save_preview(net, data, stem.parent / f"{stem.name}_nfe{steps}.png", steps=steps, seed=cfg.seed, device=device)
+
+
+def ema_model(model: nn.Module, ema: EMA, index: int = 0) -> nn.Module:
+    """An eval-mode copy of ``model`` holding EMA weights."""
+    net = copy.deepcopy(model).eval()
+    net.load_state_dict({k: v.to(next(model.parameters()).dtype) for k, v in ema.state_dict(index).items()})
+    return net
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _maybe_compile(model: nn.Module, cfg: Config):
+    return torch.compile(model) if cfg.train.compile else model
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["TrainState", "TrainingDiverged", "ema_model", "train"]
