@@ -22,7 +22,8 @@ from .base import TensorDataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_DEFAULT_SIZE = 16
 _NPZ_IMAGE_KEYS = ("x", "images", "arr_0")
-_TORCHVISION = {"cifar10": "CIFAR10", "mnist": "MNIST"}
+# torchvision class and the folder it expects under the root directory
+_TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "mnist": ("MNIST", "MNIST/raw")}
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -168,10 +169,10 @@ def load_npz_images(path: str | Path, image_size: int | None = None) -> TensorDa
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} does not exist")
     array, raw_labels = read_array_file(path, _NPZ_IMAGE_KEYS)
-    images = _to_nchw(array, str(path))
+    images = _to_nchw(array, repr(str(path)))
     if image_size is not None:
         images = resize_uint8(images, image_size)
-    labels = None if raw_labels is None else check_labels(raw_labels, images.shape[0], str(path))
+    labels = None if raw_labels is None else check_labels(raw_labels, images.shape[0], repr(str(path)))
     num_classes = 0 if labels is None else int(labels.max()) + 1
     return TensorDataset(images, labels, num_classes=num_classes, kind="images", info={"source": "npz"})
 
@@ -203,13 +204,14 @@ def load_torchvision(name: str, root: str | Path, train: bool, download: bool, i
         raise ValueError(f"unknown torchvision data set {name!r}; choose one of {', '.join(_TORCHVISION)}")
     datasets = _optional_import("torchvision.datasets", "torchvision")
     split = "train" if train else "test"
+    class_name, folder = _TORCHVISION[name]
     try:
-        data = getattr(datasets, _TORCHVISION[name])(str(root), train=train, download=download)
+        data = getattr(datasets, class_name)(str(root), train=train, download=download)
     except (RuntimeError, OSError) as err:
         action = "downloading failed (no network?)" if download else "the files are missing and download is off"
         raise RuntimeError(
             f"cannot load {name} ({split} split) from {str(root)!r}: {action} ({err}). Pass data.download=true "
-            f"with network access, or put torchvision's {name} files in {str(root)!r} (data.path sets the directory)"
+            f"with network access, or put torchvision's {name} files in {str(Path(root) / folder)!r} (data.path sets the root)"
         ) from err
     pixels = torch.as_tensor(np.asarray(data.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     images = pixels[:, None] if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)

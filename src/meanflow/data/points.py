@@ -41,8 +41,8 @@ def load_points(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if path.stat().st_size == 0:
         raise ValueError(f"point cloud file {str(path)!r} is empty")
     x, labels = _read_csv(path) if suffix == ".csv" else read_array_file(path, POINT_KEYS)
-    x = check_points(x, str(path))
-    return torch.from_numpy(x), None if labels is None else check_labels(labels, x.shape[0], str(path))
+    x = check_points(x, repr(str(path)))
+    return torch.from_numpy(x), None if labels is None else check_labels(labels, x.shape[0], repr(str(path)))
 
 
 def check_points(x: np.ndarray, source: str) -> np.ndarray:
