@@ -104,6 +104,10 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="different sizes.*data.image_size"):
         load_image_folder(tmp_path / "mixed")
     assert load_image_folder(tmp_path / "mixed", image_size=4).x.shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="data.image_size must be a positive"):
+        load_image_folder(tmp_path / "mixed", image_size=0)
+    with pytest.raises(ValueError, match="data.image_size must be a positive"):
+        load_digits(image_size=-8)
 
 
 def test_npz_images_layouts_and_labels(tmp_path):

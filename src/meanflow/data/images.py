@@ -51,10 +51,16 @@ def random_flip(x: torch.Tensor, flip_mask: torch.Tensor) -> torch.Tensor:
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinearly resize uint8 images (N, C, H, W) to (N, C, size, size), antialiased when shrinking."""
+    _check_size(size)
     if images.shape[-2:] == (size, size):
         return images
     resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def _check_size(size: int | None) -> None:
+    if size is not None and size < 1:
+        raise ValueError(f"data.image_size must be a positive number of pixels, got {size}")
 
 
 def load_digits(image_size: int | None = None) -> TensorDataset:
@@ -83,6 +89,7 @@ def load_image_folder(path: str | Path, image_size: int | None = None, channels:
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    _check_size(image_size)
     files, labels, classes = _list_image_files(root)
     pictures = [_open_image(file) for file in files]
     if channels is None:
