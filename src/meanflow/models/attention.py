@@ -1,0 +1,145 @@
+"""Multi-head attention kernels that forward-mode AD (``torch.func.jvp``) can go through.
+
+The MeanFlow target needs one Jacobian-vector product of the whole network, so every
+attention call must support forward-mode AD. PyTorch's flash and memory-efficient SDPA
+kernels have no forward-mode derivative; three backends do:
+
+* ``"math"``: softmax(q k^T / sqrt(d)) v written with plain tensor ops. Exact, works
+  everywhere (CPU, float64), memory O(N^2) per head.
+* ``"sdpa"``: ``F.scaled_dot_product_attention``. While a forward-mode tangent is attached
+  to q, k or v it is restricted to PyTorch's math kernel; otherwise PyTorch picks its fastest
+  kernel (flash attention for sampling and evaluation on CUDA).
+* ``"jvp_flash"``: the Triton kernel of the ``jvp-flash-attention`` package, which computes
+  the output and its tangent in one fused pass (CUDA; float16, bfloat16, float32; head
+  dimension 16, 32, 64, 128 or 256; sequence length even and >= 32).
+
+``"auto"`` (the default) picks ``jvp_flash`` when the package imports and the inputs suit the
+kernel, ``sdpa`` for other CUDA inputs and ``math`` on the CPU. Override it per call with the
+``backend`` argument or globally with the environment variable ``MEANFLOW_ATTENTION``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "math", "sdpa", "jvp_flash")
+ENV_VAR = "MEANFLOW_ATTENTION"
+JVP_FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+JVP_FLASH_HEAD_DIMS = (16, 32, 64, 128, 256)
+JVP_FLASH_MIN_TOKENS = 32
+
+
+@lru_cache(maxsize=1)
+def _jvp_flash_module() -> ModuleType | None:
+    """The ``jvp_flash_attention.jvp_attention`` module, or None if it cannot be imported."""
+    try:
+        from jvp_flash_attention import jvp_attention
+    except Exception:  # ImportError, or Triton failing to initialise on this machine
+        return None
+    return jvp_attention
+
+
+def jvp_flash_available() -> bool:
+    """True when the ``jvp-flash-attention`` package imports and CUDA is present."""
+    return torch.cuda.is_available() and _jvp_flash_module() is not None
+
+
+def jvp_flash_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the jvp-flash Triton kernel accepts these (B, heads, N, d) inputs."""
+    n, d = q.shape[-2:]
+    return (
+        q.is_cuda
+        and q.dtype in JVP_FLASH_DTYPES
+        and q.dtype == k.dtype == v.dtype
+        and q.shape == k.shape == v.shape
+        and d in JVP_FLASH_HEAD_DIMS
+        and n % 2 == 0
+        and n >= JVP_FLASH_MIN_TOKENS
+    )
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: the argument, else ``$MEANFLOW_ATTENTION``, else "auto"."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        source = "backend argument" if backend is not None else f"environment variable {ENV_VAR}"
+        raise ValueError(f"unknown attention backend {name!r} (from the {source}); choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def resolve_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> str:
+    """The concrete backend ("math", "sdpa" or "jvp_flash") used for these inputs."""
+    name = requested_backend(backend)
+    if name == "jvp_flash":
+        if not jvp_flash_available():
+            raise RuntimeError(
+                "attention backend 'jvp_flash' needs CUDA and the jvp-flash-attention package "
+                "(pip install jvp-flash-attention); use 'auto', 'sdpa' or 'math' instead"
+            )
+        if not jvp_flash_supports(q, k, v):
+            raise RuntimeError(
+                f"attention backend 'jvp_flash' does not support inputs of shape {tuple(q.shape)}, dtype {q.dtype}, "
+                f"device {q.device}: it needs CUDA {', '.join(str(d) for d in JVP_FLASH_DTYPES)}, head dimension in "
+                f"{JVP_FLASH_HEAD_DIMS} and an even token count >= {JVP_FLASH_MIN_TOKENS}"
+            )
+        return name
+    if name != "auto":
+        return name
+    if not q.is_cuda:
+        return "math"
+    return "jvp_flash" if jvp_flash_available() and jvp_flash_supports(q, k, v) else "sdpa"
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with plain ops. q, k, v: (B, heads, N, d) -> (B, heads, N, d)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, N)
+    return scores.softmax(dim=-1) @ v  # (B, heads, N, d)
+
+
+def _has_tangent(*tensors: torch.Tensor) -> bool:
+    """True when any tensor carries a forward-mode tangent (inside torch.func.jvp or fwAD)."""
+    return any(fwAD.unpack_dual(x).tangent is not None for x in tensors)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, on its math kernel when a tangent is present."""
+    if _has_tangent(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def jvp_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fused Triton attention of ``jvp-flash-attention`` (output and tangent in one pass).
+
+    Its ``fwd_dual`` entry point reads the tangents of q, k, v itself, which is what makes it
+    correct under ``torch.func.jvp``; without tangents it is a plain flash-attention forward.
+    """
+    return _jvp_flash_module().JVPAttn.fwd_dual(q, k, v)
+
+
+_KERNELS = {"math": math_attention, "sdpa": sdpa_attention, "jvp_flash": jvp_flash_attention}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Scaled dot-product attention that forward-mode AD can go through.
+
+    Args:
+        q, k, v: (B, heads, N, d) queries, keys and values.
+        backend: "auto", "math", "sdpa" or "jvp_flash"; None reads ``$MEANFLOW_ATTENTION``
+            (default "auto", see the module docstring).
+
+    Returns:
+        (B, heads, N, d) attention output.
+    """
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention needs q, k, v of one shape (B, heads, N, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return _KERNELS[resolve_backend(q, k, v, backend)](q, k, v)
