@@ -1,9 +1,9 @@
 """Training objectives: the MeanFlow loss, Flow Matching as its r = t case, path and time samplers."""
-from .meanflow import Draws, FlowMatchingLoss, MeanFlowLoss, Shard
+from .meanflow import Draws, FlowMatchingLoss, MeanFlowLoss, Shard, Targets
 from .path import conditional_velocity, interpolate
 from .time_samplers import TIME_SAMPLERS, TimeSampler, jvp_count, jvp_mask
 
 __all__ = [
-    "Draws", "FlowMatchingLoss", "MeanFlowLoss", "Shard", "TIME_SAMPLERS", "TimeSampler",
+    "Draws", "FlowMatchingLoss", "MeanFlowLoss", "Shard", "Targets", "TIME_SAMPLERS", "TimeSampler",
     "conditional_velocity", "interpolate", "jvp_count", "jvp_mask",
 ]

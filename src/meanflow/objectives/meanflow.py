@@ -54,6 +54,19 @@ class Draws:
     fm_index: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Everything the loss regresses: u (B, ...) with gradient; target, dudt, z, v (B, ...) without."""
+
+    u: torch.Tensor
+    target: torch.Tensor
+    dudt: torch.Tensor
+    z: torch.Tensor
+    v: torch.Tensor
+    labels: torch.Tensor | None
+    draws: Draws
+
+
 class MeanFlowLoss:
     """MeanFlow loss: ``loss, stats = loss_fn(model, x, labels=None)``.
 
@@ -147,7 +160,24 @@ class MeanFlowLoss:
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
     ) -> tuple[torch.Tensor, Stats]:
-        """Loss (scalar, differentiable) and plain-float diagnostics for a data batch x (B, ...)."""
+        """Loss (scalar, differentiable) and plain-float diagnostics for a data batch x (B, ...).
+
+        ``generator`` supplies all randomness (default: the global RNG on x's device); ``shard``
+        places x in a larger global batch (distributed training).
+        """
+        out = self.targets(model, x, labels, generator=generator, shard=shard)
+        return self._reduce(out)
+
+    def targets(
+        self,
+        model: nn.Module | Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        shard: Shard | None = None,
+    ) -> "Targets":
+        """Network output u (with gradient), the target u_tgt and du/dt (no gradient), all (B, ...)."""
         draws = self.draw(x, generator, shard)
         labels = self._labels(model, labels, draws.dropped, x.shape[0])
         z = interpolate(x, draws.noise, draws.t)
@@ -155,8 +185,8 @@ class MeanFlowLoss:
         if self.jvp_subset:
             u, target, dudt = self._subset_forward(model, z, draws, v, labels)
         else:
-            u, target, dudt = self._full_forward(model, z, draws.r, draws.t, v, labels)
-        return self._reduce(u, target, dudt, draws)
+            u, target, dudt = self.jvp_target(model, z, draws.r, draws.t, v, labels)
+        return Targets(u=u, target=target, dudt=dudt, z=z, v=v, labels=labels, draws=draws)
 
     def guided_velocity(
         self, model: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels: torch.Tensor | None
@@ -202,16 +232,12 @@ class MeanFlowLoss:
             targets.append(v[fm].to(dtype))
             dudts.append(torch.zeros_like(targets[-1]))
         if mf.numel():
-            for out, part in zip((us, targets, dudts), self._jvp_target(model, z[mf], draws.r[mf], draws.t[mf], v[mf], _take(labels, mf))):
+            for out, part in zip((us, targets, dudts), self.jvp_target(model, z[mf], draws.r[mf], draws.t[mf], v[mf], _take(labels, mf))):
                 out.append(part)
         inverse = _inverse(torch.cat([fm, mf]))
         return tuple(torch.cat(parts).index_select(0, inverse) for parts in (us, targets, dudts))
 
-    def _full_forward(self, model, z, r, t, v, labels):
-        """Reference path: one jvp over the whole batch."""
-        return self._jvp_target(model, z, r, t, v, labels)
-
-    def _jvp_target(self, model, z, r, t, v, labels):
+    def jvp_target(self, model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels=None):
         """u (with gradient), u_tgt = v - (t - r) du/dt (no gradient) and du/dt, all (n, ...).
 
         The tangent (v, 0, 1) of (z, r, t) makes the JVP the total derivative d/dt u along the path.
@@ -228,8 +254,9 @@ class MeanFlowLoss:
         target = (v.to(dtype) - h * dudt).detach()
         return u, target, dudt
 
-    def _reduce(self, u, target, dudt, draws: Draws) -> tuple[torch.Tensor, Stats]:
+    def _reduce(self, out: "Targets") -> tuple[torch.Tensor, Stats]:
         """Adaptive-weighted loss and diagnostics from per-sample squared errors."""
+        u, target, dudt, draws = out.u, out.target, out.dudt, out.draws
         sq = (u - target.detach()).pow(2).flatten(1)  # (B, D)
         d = sq.sum(1)  # (B,)
         w = 1.0 / (d.detach() + self.weight_eps).pow(self.weight_power)
