@@ -139,3 +139,29 @@ def test_load_stats_errors(tmp_path):
     np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="fid-stats"):
         load_stats(tmp_path / "images_only.npz")
+
+
+def _precision_recall_bruteforce(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def radii(x):
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+    def covered(queries, support, r):
+        d = np.linalg.norm(queries[:, None] - support[None], axis=-1)
+        return np.mean((d <= r[None]).any(axis=1))
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_recall_against_bruteforce():
+    from meanflow.metrics import precision_recall
+
+    rng = np.random.default_rng(8)
+    real = rng.standard_normal((120, 5))
+    fake = 0.6 * rng.standard_normal((90, 5)) + 0.8  # narrower and shifted: precision != recall
+    precision, recall = precision_recall(real, torch.from_numpy(fake), k=3)
+    expected = _precision_recall_bruteforce(real, fake, 3)
+    assert (precision, recall) == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < recall < precision < 1.0
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)

@@ -1,0 +1,27 @@
+"""Sample-quality metrics: Frechet distances (FID and its digits-classifier analogue), Inception Score,
+k-NN precision / recall, and point-cloud distances. See docs/EVALUATION.md for the FID conventions.
+
+Heavy dependencies (torch-fidelity for Inception, scikit-learn for digits) load only when used.
+"""
+from .digits_classifier import DigitsClassifier, digits_frechet
+from .frechet import RunningStatistics, feature_statistics, frechet_distance, load_stats, save_stats
+from .image_metrics import FeatureExtractor, compute_image_metrics, images_to_nchw, inception_score, precision_recall
+from .inception import InceptionFeatures, resolve_inception_weights
+from .pointcloud import energy_distance, sliced_wasserstein  # noqa: F401
+
+__all__ = [
+    "DigitsClassifier",
+    "FeatureExtractor",
+    "InceptionFeatures",
+    "RunningStatistics",
+    "compute_image_metrics",
+    "digits_frechet",
+    "feature_statistics",
+    "frechet_distance",
+    "images_to_nchw",
+    "inception_score",
+    "load_stats",
+    "precision_recall",
+    "resolve_inception_weights",
+    "save_stats",
+]
