@@ -63,3 +63,38 @@ def test_classifier_is_a_feature_extractor(classifier):
     noise = torch.randint(0, 256, (300, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     noisy = compute_image_metrics(noise, feature_statistics(reference), classifier, reference_features=reference)
     assert noisy["precision"] < 0.1 and noisy["fid"] > 10 * metrics["fid"]
+
+
+def _fid_stats(argv):
+    import argparse
+
+    from meanflow.cli import fid_stats
+
+    parser = argparse.ArgumentParser()
+    fid_stats.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["fid-stats", *argv])
+    return args.func(args)
+
+
+def test_fid_stats_cli_sources_agree(classifier, cache_dir, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from meanflow.metrics import load_stats
+
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir))  # the classifier trained above, no retraining
+    images = load_digits(16).x[:300]  # uint8 (300, 1, 16, 16)
+    assert _fid_stats(["digits", "--feature", "digits", "--num", "300", "--out", str(tmp_path / "a.npz")]) == 0
+    np.savez(tmp_path / "samples.npz", samples=images.permute(0, 2, 3, 1).numpy())  # NHWC
+    _fid_stats([str(tmp_path / "samples.npz"), "--feature", "digits", "--out", str(tmp_path / "b.npz")])
+    for i, image in enumerate(images[:, 0].numpy()):  # nested folders are searched too
+        (tmp_path / "png" / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "png" / str(i % 3) / f"{i:04d}.png")
+    _fid_stats([str(tmp_path / "png"), "--feature", "digits", "--batch-size", "64", "--out", str(tmp_path / "c.npz")])
+    mu, sigma = feature_statistics(classifier.features(images))
+    for name in "abc":  # the folder is read in another order: same statistics up to round-off
+        mu_l, sigma_l = load_stats(tmp_path / f"{name}.npz")
+        np.testing.assert_allclose(mu_l, mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sigma_l, sigma, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="SOURCE"):
+        _fid_stats([str(tmp_path / "missing"), "--feature", "digits", "--out", str(tmp_path / "d.npz")])

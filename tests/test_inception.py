@@ -133,3 +133,24 @@ def test_compute_image_metrics_with_stub_extractor():
     with pytest.raises(TypeError, match="to_uint8"):
         compute_image_metrics(images.float(), ref_stats, extractor)
     assert np.isfinite(metrics["inception_score_std"])
+
+
+def test_fid_stats_cli_with_inception(extractor, weights_file, tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from meanflow.cli import fid_stats
+    from meanflow.metrics import feature_statistics, load_stats
+
+    images = torch.randint(0, 256, (3, 28, 28), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    np.savez(tmp_path / "images.npz", arr_0=images.numpy(), arr_1=np.arange(3))  # ADM sample layout
+    parser = argparse.ArgumentParser()
+    fid_stats.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["fid-stats", str(tmp_path / "images.npz"), "--weights", str(weights_file),
+                              "--device", "cpu", "--out", str(tmp_path / "ref.npz")])
+    assert args.func(args) == 0
+    mu, sigma = load_stats(tmp_path / "ref.npz")
+    mu_ref, sigma_ref = feature_statistics(extractor(images)["pool"])
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,14 @@ Heavy dependencies (torch-fidelity for Inception, scikit-learn for digits) load 
 """
 from .digits_classifier import DigitsClassifier, digits_frechet
 from .frechet import RunningStatistics, feature_statistics, frechet_distance, load_stats, save_stats
-from .image_metrics import FeatureExtractor, compute_image_metrics, images_to_nchw, inception_score, precision_recall
+from .image_metrics import (
+    FeatureExtractor,
+    compute_image_metrics,
+    image_statistics,
+    images_to_nchw,
+    inception_score,
+    precision_recall,
+)
 from .inception import InceptionFeatures, resolve_inception_weights
 from .pointcloud import energy_distance, sliced_wasserstein  # noqa: F401
 
@@ -17,6 +24,7 @@ __all__ = [
     "compute_image_metrics",
     "digits_frechet",
     "feature_statistics",
+    "image_statistics",
     "frechet_distance",
     "images_to_nchw",
     "inception_score",

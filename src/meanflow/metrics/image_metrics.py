@@ -8,7 +8,7 @@ both qualify. Generated samples in [-1, 1] are turned into uint8 first with
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -108,11 +108,30 @@ def precision_recall(
     return precision, recall
 
 
-def _batches(images: ImageBatch | Iterable[ImageBatch], batch_size: int) -> Iterable[ImageBatch]:
-    """A single (N, ...) array is cut into batches; an iterable of batches is passed through."""
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        return torch.as_tensor(images).split(batch_size)
-    return images
+def _extract(
+    images: ImageBatch | Iterable[ImageBatch], extractor: FeatureExtractor, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Extractor outputs batch by batch. ``images``: one uint8 array (N, ...) cut into ``batch_size``
+    batches, or an iterable of uint8 batches (B, ...), passed through."""
+    batches = torch.as_tensor(images).split(batch_size) if isinstance(images, (torch.Tensor, np.ndarray)) else images
+    for batch in batches:
+        batch = images_to_nchw(batch)  # (B, C, H, W)
+        _check_uint8(batch)
+        yield extractor(batch)
+
+
+def image_statistics(
+    images: ImageBatch | Iterable[ImageBatch], extractor: FeatureExtractor, batch_size: int = 100
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Feature statistics of uint8 images (as in :func:`compute_image_metrics`), streamed.
+
+    Returns (mu (D,), sigma (D, D), number of images); mu and sigma float64, as saved by
+    :func:`~meanflow.metrics.save_stats` for reference statistics.
+    """
+    stats = RunningStatistics()
+    for out in _extract(images, extractor, batch_size):
+        stats.update(out["pool"])
+    return *stats.compute(), stats.count
 
 
 def compute_image_metrics(
@@ -137,10 +156,7 @@ def compute_image_metrics(
     """
     stats = RunningStatistics()
     logits, pool = [], []
-    for batch in _batches(images, batch_size):
-        batch = images_to_nchw(batch)
-        _check_uint8(batch)
-        out = extractor(batch)
+    for out in _extract(images, extractor, batch_size):
         stats.update(out["pool"])
         logits.append(out["logits"].float().cpu())
         if reference_features is not None:

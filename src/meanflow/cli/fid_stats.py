@@ -1,0 +1,106 @@
+"""``meanflow fid-stats``: reference statistics (mu, sigma) of a set of images for FID.
+
+SOURCE is a folder of images (searched recursively; .png, .jpg, ...), a .npz/.npy of uint8 images
+(NHWC or NCHW, key ``arr_0``, ``samples``, ``images`` or ``x``), or a named data set: ``digits``
+(scikit-learn, offline) or ``cifar10`` (the 50k training images, through torchvision).
+Writes ``--out FILE.npz`` with keys ``mu`` and ``sigma`` (read back by ``meanflow.metrics.load_stats``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASET_SOURCES = ("digits", "cifar10")
+_NPZ_KEYS = ("arr_0", "samples", "images", "x")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fid-stats", help="compute FID reference statistics of images", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help=f"image folder, .npz/.npy file, or one of: {', '.join(DATASET_SOURCES)}")
+    p.add_argument("--out", required=True, help="output .npz (keys mu, sigma)")
+    p.add_argument("--feature", default="inception", choices=("inception", "digits"),
+                   help="feature space: FID Inception v3 pool features, or the project's digits classifier")
+    p.add_argument("--weights", default=None, help="FID Inception weights file (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--num", type=int, default=None, help="use only the first NUM images")
+    p.add_argument("--image-size", type=int, default=None, help="resolution for the digits data set (default 16)")
+    p.add_argument("--data-root", default="data", help="torchvision data directory for cifar10")
+    p.add_argument("--download", action="store_true", help="let torchvision download cifar10 when missing")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default=None, help="device for the feature network (default: cuda if available)")
+    p.set_defaults(func=run)
+
+
+def _folder_batches(root: Path, mode: str, batch_size: int, limit: int | None) -> Iterator[np.ndarray]:
+    """uint8 batches (B, H, W, C) of the image files under ``root`` (recursive, sorted), PIL ``mode``."""
+    from PIL import Image
+
+    from ..data.images import IMAGE_SUFFIXES
+
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(root)!r}")
+    first_shape = None
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for file in files[start : start + batch_size]:
+            with Image.open(file) as image:
+                array = np.asarray(image.convert(mode), dtype=np.uint8)
+            first_shape = first_shape or array.shape
+            if array.shape != first_shape:
+                raise ValueError(f"images differ in size: {str(file)!r} is {array.shape[:2]}, the first is "
+                                 f"{first_shape[:2]}; resize or crop them to one size first")
+            arrays.append(array.reshape(*array.shape[:2], -1))
+        yield np.stack(arrays)
+
+
+def _npz_images(path: Path, limit: int | None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) from a .npz (first of ``_NPZ_KEYS`` present) or .npy file."""
+    from ..data.points import read_array_file
+    from ..metrics import images_to_nchw
+
+    array, _ = read_array_file(path, _NPZ_KEYS)
+    if array.dtype != np.uint8:
+        raise ValueError(f"{str(path)!r}: images must be uint8 (0..255), got {array.dtype}")
+    return images_to_nchw(array[:limit])
+
+
+def _dataset_images(args: argparse.Namespace) -> torch.Tensor:
+    """uint8 images (N, C, H, W) of a named data set."""
+    from ..data.images import load_digits, load_torchvision
+
+    if args.source == "digits":
+        return load_digits(args.image_size).x[: args.num]
+    return load_torchvision("cifar10", args.data_root, train=True, download=args.download).x[: args.num]
+
+
+def image_source(args: argparse.Namespace, mode: str):
+    """SOURCE -> one uint8 array (N, C, H, W) or an iterable of uint8 batches (B, H, W, C)."""
+    if args.source in DATASET_SOURCES:
+        return _dataset_images(args)
+    path = Path(args.source)
+    if path.is_dir():
+        return _folder_batches(path, mode, args.batch_size, args.num)
+    if path.is_file() and path.suffix in (".npz", ".npy"):
+        return _npz_images(path, args.num)
+    raise FileNotFoundError(f"SOURCE {args.source!r} is neither an image folder, a .npz/.npy file, "
+                            f"nor one of {', '.join(DATASET_SOURCES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..metrics import DigitsClassifier, InceptionFeatures, image_statistics, save_stats
+
+    if args.feature == "inception":
+        extractor, mode = InceptionFeatures(args.weights, device=args.device, batch_size=args.batch_size), "RGB"
+    else:
+        extractor, mode = DigitsClassifier.load_or_train(), "L"
+    mu, sigma, count = image_statistics(image_source(args, mode), extractor, args.batch_size)
+    save_stats(args.out, mu, sigma, feature=args.feature, source=str(args.source), num_samples=count)
+    print(json.dumps({"out": str(args.out), "feature": args.feature, "source": str(args.source),
+                      "num_samples": count, "dim": int(mu.shape[0])}))
+    return 0
