@@ -6,12 +6,14 @@ kernels have no forward-mode derivative; three backends do:
 
 * ``"math"``: softmax(q k^T / sqrt(d)) v written with plain tensor ops. Exact, works
   everywhere (CPU, float64), memory O(N^2) per head.
-* ``"sdpa"``: ``F.scaled_dot_product_attention``. While a forward-mode tangent is attached
-  to q, k or v it is restricted to PyTorch's math kernel; otherwise PyTorch picks its fastest
-  kernel (flash attention for sampling and evaluation on CUDA).
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` (PyTorch picks its fastest kernel, flash
+  attention on CUDA) when no forward-mode tangent is attached to q, k or v, as in sampling and
+  evaluation; the ``"math"`` path while one is. (SDPA's own math kernel would also accept the
+  tangent, but on an H100 it was no faster than the plain ops, twice slower in bfloat16 at
+  1024 tokens, and its backward fails after a jvp under autocast in PyTorch 2.11.)
 * ``"jvp_flash"``: the Triton kernel of the ``jvp-flash-attention`` package, which computes
   the output and its tangent in one fused pass (CUDA; float16, bfloat16, float32; head
-  dimension 16, 32, 64, 128 or 256; sequence length even and >= 32).
+  dimension 16, 32, 64 or 128; sequence length even and >= 32).
 
 ``"auto"`` (the default) picks ``jvp_flash`` when the package imports and the inputs suit the
 kernel, ``sdpa`` for other CUDA inputs and ``math`` on the CPU. Override it per call with the
@@ -27,12 +29,11 @@ from types import ModuleType
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = ("auto", "math", "sdpa", "jvp_flash")
 ENV_VAR = "MEANFLOW_ATTENTION"
 JVP_FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-JVP_FLASH_HEAD_DIMS = (16, 32, 64, 128, 256)
+JVP_FLASH_HEAD_DIMS = (16, 32, 64, 128)  # the package also accepts 256, but its backward exceeds H100 shared memory
 JVP_FLASH_MIN_TOKENS = 32
 
 
@@ -110,10 +111,9 @@ def _has_tangent(*tensors: torch.Tensor) -> bool:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, on its math kernel when a tangent is present."""
+    """``F.scaled_dot_product_attention``, or :func:`math_attention` when a tangent is present."""
     if _has_tangent(q, k, v):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v)
+        return math_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -122,8 +122,13 @@ def jvp_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 
     Its ``fwd_dual`` entry point reads the tangents of q, k, v itself, which is what makes it
     correct under ``torch.func.jvp``; without tangents it is a plain flash-attention forward.
+    The kernel's backward asserts that the output gradient has exactly the output's strides,
+    which autograd does not guarantee for size-1 dimensions (one head, batch of one); passing
+    the output through a flat view makes autograd hand back a gradient laid out like a fresh
+    tensor.
     """
-    return _jvp_flash_module().JVPAttn.fwd_dual(q, k, v)
+    out = _jvp_flash_module().JVPAttn.fwd_dual(q, k, v)  # (B, heads, N, d)
+    return out.reshape(-1).view(out.shape)  # (B, heads, N, d)
 
 
 _KERNELS = {"math": math_attention, "sdpa": sdpa_attention, "jvp_flash": jvp_flash_attention}
