@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text)
+            self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if self.enabled:

@@ -64,6 +64,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
     _prepare_out(out, info, resume)
     train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
     spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes)
+    torch.manual_seed(derive_seed(cfg.seed, -1))  # same initial weights on every rank and every run
     model = build_model(spec).to(info.device)
     loss_fn = build_loss(cfg.objective)
     optimizer = build_optimizer(model, cfg.train)
