@@ -76,7 +76,10 @@ def _dataset_images(args: argparse.Namespace) -> torch.Tensor:
 
     if args.source == "digits":
         return load_digits(args.image_size).x[: args.num]
-    return load_torchvision("cifar10", args.data_root, train=True, download=args.download).x[: args.num]
+    try:
+        return load_torchvision("cifar10", args.data_root, train=True, download=args.download).x[: args.num]
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}; for fid-stats the options are --download and --data-root DIR") from err
 
 
 def image_source(args: argparse.Namespace, mode: str):

@@ -4,7 +4,7 @@ The network is the TensorFlow FID Inception v3 ported to PyTorch (weights
 ``pt_inception-2015-12-05-6726825d.pth``, the same file pytorch-fid, torch-fidelity and, through the
 TF graph, the ADM evaluator use), taken from torch-fidelity's ``FeatureExtractorInceptionV3``.
 Images are resized to 299x299 with TF1-style bilinear interpolation (as in the TF graph), scaled
-to [-1, 1] as (x - 128) / 128 and mapped to
+to [-1, 1] as (x - 128) / 128 and mapped, in full float32 (no TF32 on GPUs), to
 
     "pool":   (N, 2048) average-pool features (FID, precision / recall)
     "logits": (N, 1008) pool @ W^T without the bias, as in the original Inception Score code
@@ -16,7 +16,9 @@ file name, and finally torch-fidelity's download URL into that cache when ``down
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -76,6 +78,18 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls on CUDA inside (PyTorch lets cuDNN use TF32 by default,
+    which perturbs features by ~1e-3 relative); the caller's settings are restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class InceptionFeatures:
     """FID Inception v3 feature extractor: uint8 images of any size -> {"pool", "logits"}.
 
@@ -118,8 +132,9 @@ class InceptionFeatures:
             raise TypeError(f"InceptionFeatures expects uint8 images, got {x.dtype}; see meanflow.data.to_uint8")
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # (N, 3, H, W)
         pools, logits = [], []
-        for chunk in x.split(self.batch_size):
-            pool, logit = self.net(chunk.to(self.device).contiguous())  # (B, 2048), (B, 1008)
-            pools.append(pool.float().cpu())
-            logits.append(logit.float().cpu())
+        with _no_tf32():
+            for chunk in x.split(self.batch_size):
+                pool, logit = self.net(chunk.to(self.device).contiguous())  # (B, 2048), (B, 1008)
+                pools.append(pool.float().cpu())
+                logits.append(logit.float().cpu())
         return {"pool": torch.cat(pools), "logits": torch.cat(logits)}
