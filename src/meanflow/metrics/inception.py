@@ -67,15 +67,14 @@ def resolve_inception_weights(weights_path: str | Path | None = None, download: 
     return target
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict with ``weights_only=True`` (no arbitrary pickled code)."""
+def _check_state_dict(path: Path) -> None:
+    """Read ``path`` with ``weights_only=True`` (no arbitrary pickled code); it must be a state dict."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for unreadable / unsafe files
         raise RuntimeError(f"cannot read {path} as a PyTorch state dict: {err}") from err
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} holds a {type(state).__name__}, expected a state dict of the FID Inception")
-    return state
 
 
 @contextlib.contextmanager
@@ -110,7 +109,7 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights_path = resolve_inception_weights(weights_path, download)
-        _load_state_dict(self.weights_path)  # safe read first: the library itself unpickles freely
+        _check_state_dict(self.weights_path)  # safe read first: the library itself unpickles freely
         try:
             net = FeatureExtractorInceptionV3(
                 "inception-v3-compat", list(_FEATURES), feature_extractor_weights_path=str(self.weights_path)
