@@ -63,7 +63,7 @@ class ObjectiveConfig:
     sigma: float = 1.0
     r_mu: float = -4.0
     r_sigma: float = 1.6
-    weight_power: float = 1.0
+    weight_power: float | None = None  # None: 1.0 for meanflow, 0.0 (plain MSE) for flow_matching
     weight_eps: float = 1e-3
     omega: float = 1.0
     kappa: float = 0.0
@@ -129,7 +129,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.lr", "data.num_samples", "eval.num_samples", "eval.batch_size", "train.max_bad_steps", "train.keep_checkpoints")
-NON_NEGATIVE = ("seed", "train.warmup_steps", "train.grad_clip", "train.weight_decay", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.num_workers", "data.holdout", "objective.weight_power")
+NON_NEGATIVE = ("seed", "train.warmup_steps", "train.grad_clip", "train.weight_decay", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.num_workers", "data.holdout")
 UNIT_INTERVAL = ("objective.ratio", "objective.label_drop", "objective.t_start", "objective.t_end")
 
 
@@ -173,6 +173,8 @@ def validate(cfg: Config) -> None:
     for key in UNIT_INTERVAL:
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key} must lie in [0, 1]; got {flat[key]!r}")
+    if cfg.objective.weight_power is not None and cfg.objective.weight_power < 0:
+        raise ConfigError(f"objective.weight_power must be >= 0; got {cfg.objective.weight_power!r}")
     if cfg.objective.t_start > cfg.objective.t_end:
         raise ConfigError(f"objective.t_start ({cfg.objective.t_start}) must not exceed objective.t_end ({cfg.objective.t_end})")
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
@@ -233,8 +235,8 @@ def _build(cls, raw: Any, prefix: str):
     for key, value in raw.items():
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1)
-            extra = f"; did you mean {prefix}{hint[0]!r}?" if hint else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{extra} (known: {', '.join(prefix + f for f in fields)})")
+            extra = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{extra} (known: {', '.join(prefix + f for f in fields)})")
         kwargs[key] = _coerce(hints[key], value, prefix + key)
     return cls(**kwargs)
 

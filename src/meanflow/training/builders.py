@@ -45,7 +45,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 
 def build_loss(cfg: ObjectiveConfig) -> MeanFlowLoss:
-    options = {k: v for k, v in vars(cfg).items() if k not in ("kind", "ratio")}
+    options = {k: v for k, v in vars(cfg).items() if k not in ("kind", "ratio") and v is not None}
     if cfg.kind == "flow_matching":
         return FlowMatchingLoss(**options)
     return MeanFlowLoss(ratio=cfg.ratio, **options)
