@@ -97,6 +97,12 @@ def _load_torchvision(cfg: DataConfig, seed: int, root: str) -> tuple[TensorData
     return train, test
 
 
+def _load_latents(cfg: DataConfig, seed: int, root: str) -> tuple[Dataset, None]:
+    from .latents import load_latent_dataset
+
+    return load_latent_dataset(_require_path(cfg), seed, cfg.image_size, cfg.flip), None
+
+
 _LOADERS: dict[str, Loader] = {
     **{name: _load_toy for name in TOY_DATASETS},
     "points": _load_points,
@@ -105,6 +111,7 @@ _LOADERS: dict[str, Loader] = {
     "npz": _load_npz,
     "cifar10": _load_torchvision,
     "mnist": _load_torchvision,
+    "latents": _load_latents,
 }
 DATASETS = tuple(_LOADERS)
 
