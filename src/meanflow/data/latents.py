@@ -113,7 +113,7 @@ def _load_vae_uncached(name: str):
         raise RuntimeError(
             f"cannot load the VAE {name!r}: there is no local folder of that name, and loading it from the Hugging Face hub "
             f"failed (no network and not in the Hugging Face cache?): "
-            f"{err}. Download it once where there is network (huggingface-cli download {name} --local-dir vae) and pass "
+            f"{str(err).rstrip('.')}. Download it once where there is network (huggingface-cli download {name} --local-dir vae) and pass "
             f"the local directory: meanflow encode ... --vae ./vae"
         ) from err
 
