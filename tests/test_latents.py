@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +219,17 @@ def test_clear_errors(setup, tmp_path):
         LatentDataset(tmp_path / "corrupt")
     with pytest.raises(ValueError, match="not a latent data set|no vae"):
         decode(torch.zeros(1, 4, 8, 8), {"source": "digits"})
+
+
+def test_unreachable_hub_vae_says_how_to_pass_a_local_copy(setup, tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, so no network retries), a hub id fails with advice to use --vae PATH."""
+    root, files, vae, cache = setup
+    code = ("from meanflow.data.latents import encode_folder; import sys; "
+            "encode_folder(sys.argv[1], sys.argv[2], vae='meanflow-tests/no-such-vae', progress=False)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", code, str(root / "images"), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "RuntimeError: cannot load the VAE 'meanflow-tests/no-such-vae'" in result.stderr and "--vae" in result.stderr
 
 
 def test_train_on_the_cache_then_decode_samples(setup, tmp_path):

@@ -165,6 +165,8 @@ def encode_folder(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     files, labels, classes = _list_image_files(source)
+    fingerprint = _fingerprint(source, files, labels, vae, image_size, flip, shard_size)
+    resuming = _check_out(out, fingerprint)
     device = torch.device(device)
     model = load_vae(vae, device)
     scale, shift = _latent_normalisation(model)
@@ -173,11 +175,12 @@ def encode_folder(
         "format": FORMAT, "version": FORMAT_VERSION, "complete": False, "vae": _vae_reference(vae),
         "latent_scale": scale, "latent_shift": shift, "image_size": image_size, "preprocessing": "adm_center_crop",
         "posterior": "moments", "views": 2 if flip else 1, "dtype": "float16", "count": len(files),
-        "num_classes": len(classes), "classes": classes, "source": str(source.resolve()),
-        "fingerprint": _fingerprint(source, files, labels, vae, image_size, flip, shard_size),
+        "num_classes": len(classes), "classes": classes, "source": str(source.resolve()), "fingerprint": fingerprint,
         "shards": [{"latents": f"shard-{k:05d}.npy", "labels": f"shard-{k:05d}.labels.npy", "count": n} for k, n in enumerate(counts)],
     }
-    _start_cache(out, meta)
+    if not resuming:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / METADATA_FILE, meta)
     pending = [k for k, shard in enumerate(meta["shards"]) if not _shard_done(out, shard)]
     _encode_shards(model, files, labels, pending, meta, out, batch_size, shard_size, device, num_workers, progress)
     meta["latent_shape"] = list(np.load(out / meta["shards"][0]["latents"], mmap_mode="r").shape[3:])
@@ -194,23 +197,22 @@ def _fingerprint(source: Path, files: list[Path], labels: list[int], vae: str, s
     return digest.hexdigest()
 
 
-def _start_cache(out: Path, meta: dict[str, Any]) -> None:
-    """Create ``out`` with incomplete metadata, or accept an interrupted run of the same command."""
-    meta_file = out / METADATA_FILE
-    if meta_file.exists():
+def _check_out(out: Path, fingerprint: str) -> bool:
+    """True when ``out`` holds an interrupted run of the same command (to finish), False when it is new or
+    empty; anything else is an error."""
+    if (out / METADATA_FILE).exists():
         old = read_metadata(out, require_complete=False)
-        if old.get("complete"):
+        if old["complete"]:
             raise ValueError(f"{str(out)!r} already holds a complete latent cache; choose another --out or delete it")
-        if old.get("fingerprint") != meta["fingerprint"]:
+        if old.get("fingerprint") != fingerprint:
             raise ValueError(
                 f"{str(out)!r} holds an unfinished latent cache made from other images or settings; re-run the original "
                 f"command to finish it, or choose another --out"
             )
-        return
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder {str(out)!r} is not empty and holds no latent cache; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(meta_file, meta)
+        return True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output {str(out)!r} exists and is not an empty folder or a latent cache; choose a new or empty folder")
+    return False
 
 
 def _shard_done(out: Path, shard: dict[str, Any]) -> bool:
@@ -225,7 +227,8 @@ def _encode_shards(model, files, labels, pending: list[int], meta, out: Path, ba
 
     spans = {k: (k * shard_size, k * shard_size + meta["shards"][k]["count"]) for k in pending}  # [start, end) per shard
     batches = [list(range(i, min(i + batch_size, end))) for start, end in spans.values() for i in range(start, end, batch_size)]
-    loader = torch.utils.data.DataLoader(_ImageFiles(files, meta["image_size"]), batch_sampler=batches, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, meta["image_size"]), batch_sampler=batches, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
     parts: list[np.ndarray] = []
     with tqdm(total=sum(len(b) for b in batches), unit="img", desc="encoding", disable=not progress) as bar:
         for images, positions in loader:
