@@ -5,8 +5,9 @@ and the MeanFlow JVP du/dt = jvp(u, (z, r, t), (v, 0, 1)) of every attention bac
 which picks jvp_flash when the jvp-flash-attention package is installed, "sdpa" and "math")
 against a float32 math-path reference with TF32 off, in three precisions: float32, bfloat16
 (weights and images in bf16, times r, t kept in float32) and bf16 autocast over float32
-weights. It also times one training step (jvp + loss + backward) per backend, and the
-attention alone (jvp + backward) at several token counts.
+weights. It also times one training step (jvp + loss + backward) per backend, with its peak
+GPU memory (``--split-jvp``: jvp without gradient plus a separate forward with gradient), and
+the attention alone (jvp + backward) at several token counts.
 
 A backend fails when its relative error (max |x - ref| / max |ref|) exceeds both twice the
 math path's error in the same precision and a floor (float32 1e-2, since Triton multiplies in
@@ -86,16 +87,28 @@ def jvp(model: torch.nn.Module, z, v, r, t, labels, autocast: torch.dtype | None
         return torch.func.jvp(lambda *a: model(*a, labels), (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def train_step(model: torch.nn.Module, z, v, r, t, labels, autocast: torch.dtype | None = None) -> None:
-    """One MeanFlow-style step: jvp, target under stop-gradient (float32), squared error, backward."""
-    u, dudt = jvp(model, z, v, r, t, labels, autocast)
-    target = (v.float() - (t - r)[:, None, None, None] * dudt.float()).detach()
+def train_step(model: torch.nn.Module, z, v, r, t, labels, autocast: torch.dtype | None = None, split: bool = False) -> None:
+    """One MeanFlow-style step: jvp, target under stop-gradient (float32), squared error, backward.
+
+    ``split``: the jvp runs under no_grad and u comes from a second, ordinary forward (one more
+    forward pass, but autograd stores no tangent intermediates).
+    """
+    if split:
+        with torch.no_grad():
+            _, dudt = jvp(model, z, v, r, t, labels, autocast)
+        with torch.autocast("cuda", dtype=autocast) if autocast else nullcontext():
+            u = model(z, r, t, labels)
+    else:
+        u, dudt = jvp(model, z, v, r, t, labels, autocast)
+        dudt = dudt.detach()  # frees the autograd graph of the tangent before backward
+    target = v.float() - (t - r)[:, None, None, None] * dudt.float()
     (u.float() - target).pow(2).mean().backward()
     model.zero_grad(set_to_none=True)
 
 
 def median_ms(fn, steps: int) -> float:
     """Median milliseconds of fn() over `steps` runs after two warm-ups."""
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(steps + 2):
         torch.cuda.synchronize()
@@ -119,7 +132,7 @@ def check_model(name: str, args, device, seen: Counter) -> bool:
     u_ref, dudt_ref = jvp(base, *inputs32)
     ok = True
     print(f"\n{name}: batch {args.batch}, |u|max {u_ref.abs().max():.3g}, |du/dt|max {dudt_ref.abs().max():.3g}")
-    print(f"{'precision':<10}{'backend':<10}{'chosen':<12}{'err u':>10}{'err du/dt':>11}{'step ms':>10}  status")
+    print(f"{'precision':<10}{'backend':<10}{'chosen':<12}{'err u':>10}{'err du/dt':>11}{'step ms':>10}{'peak GiB':>10}  status")
     for precision in args.precisions:
         dtype, autocast, floor = PRECISIONS[precision]
         model = copy.deepcopy(base).to(dtype)
@@ -136,9 +149,13 @@ def check_model(name: str, args, device, seen: Counter) -> bool:
             limit = [max(2 * e, floor) for e in errors["math"]]
             passed = all(e <= lim for e, lim in zip(errors[backend], limit))
             ok &= passed
-            ms = median_ms(lambda: train_step(model, z, v, r, t, labels, autocast), args.steps)
+            ms = median_ms(lambda: train_step(model, z, v, r, t, labels, autocast, args.split_jvp), args.steps)
+            peak = torch.cuda.max_memory_allocated() / 2**30
             status = "ok" if passed else f"MISMATCH (limit {limit[0]:.1e}, {limit[1]:.1e})"
-            print(f"{precision:<10}{backend:<10}{chosen:<12}{errors[backend][0]:>10.2e}{errors[backend][1]:>11.2e}{ms:>10.1f}  {status}")
+            print(
+                f"{precision:<10}{backend:<10}{chosen:<12}{errors[backend][0]:>10.2e}{errors[backend][1]:>11.2e}"
+                f"{ms:>10.1f}{peak:>10.1f}  {status}"
+            )
         del model
         torch.cuda.empty_cache()
     return ok
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed runs per measurement")
     parser.add_argument("--models", nargs="+", default=["dit-b/4", "unet-cifar10"], choices=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--split-jvp", action="store_true", help="time steps with a no_grad jvp plus a separate forward")
+    parser.add_argument("--attention-bench", action=argparse.BooleanOptionalAction, default=True, help="time attention alone")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_checks: CUDA is not available; run this on a GPU machine", file=sys.stderr)
@@ -181,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, jvp-flash-attention available: {attn.jvp_flash_available()}")
     seen = record_backends()
     results = [check_model(name, args, device, seen) for name in args.models]
-    bench_attention(args, device)
+    if args.attention_bench:
+        bench_attention(args, device)
     print("\nall backends agree with the math path" if all(results) else "\nFAILED: a backend disagrees with the math path")
     return 0 if all(results) else 1
 
