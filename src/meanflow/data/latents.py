@@ -342,11 +342,12 @@ class LatentDataset:
         gen = torch.Generator().manual_seed(_request_seed(self.seed, rows))
         sample = self.posterior == "sample"
         views = (torch.rand(rows.size, generator=gen) < 0.5).numpy().astype(np.int64) if sample and self.meta["views"] == 2 else np.zeros(rows.size, np.int64)
-        moments = torch.from_numpy(self._read(rows, views)).float()  # (B, 2, C, h, w)
-        mean, std = moments[:, 0], moments[:, 1]
-        z = mean + std * torch.randn(mean.shape, generator=gen) if sample else mean  # (B, C, h, w)
+        moments = torch.from_numpy(self._read(rows, views))  # (B, 2, C, h, w) fp16
+        z = moments[:, 0].float()  # (B, C, h, w)
+        if sample:
+            z.addcmul_(moments[:, 1].float(), torch.randn(z.shape, generator=gen))
         labels = None if self.labels is None else self.labels[torch.from_numpy(rows)]
-        return (z - self.shift) * self.scale, labels
+        return z.sub_(self.shift).mul_(self.scale), labels
 
     def _read(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         """fp16 moments (B, 2, C, h, w) of global rows ``rows`` (B,) and views ``views`` (B,)."""
