@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module defines ``register(subparsers)``, adding a sub-command whose ``func(args)`` runs it.
-COMMANDS = ("train", "sample", "evaluate", "models_cmd")
+COMMANDS = ("train", "sample", "evaluate", "models_cmd", "fid_stats", "encode")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--method", default=None, choices=("meanflow", "euler", "heun"), help="only this sampler (default: MeanFlow + ODE baseline)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--fid-stats", default=None, metavar="REF.npz", help="reference statistics (mu, sigma) for FID / IS with Inception features")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help="pt_inception-2015-12-05 weights file (or env MEANFLOW_INCEPTION_WEIGHTS)")
+    p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: config eval.batch_size)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=run)
@@ -25,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
-                           ema=not args.raw, device=args.device, method=args.method)
+                           ema=not args.raw, device=args.device, method=args.method, fid_stats=args.fid_stats,
+                           inception_weights=args.inception_weights, batch_size=args.batch_size)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:

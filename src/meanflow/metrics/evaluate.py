@@ -6,7 +6,7 @@ Sampler names: ``meanflow`` (k-NFE average-velocity jumps) and ``euler`` / ``heu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,12 +16,12 @@ from ..training.seeding import step_generator
 
 
 @torch.no_grad()
-def generate(
+def iterate_samples(
     model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
     labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
     device: str | torch.device = "cpu", progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``num`` samples (num, *sample_shape) on the CPU, and their labels (or None).
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (samples (b, *sample_shape) on ``device``, labels (b,) or None) batch by batch.
 
     The noise of batch i comes from a generator seeded by (seed, i), so results do not depend on
     the device count. Class-conditional models without given labels cycle through the classes.
@@ -34,7 +34,6 @@ def generate(
         raise ValueError(f"labels must have shape ({num},), got {tuple(labels.shape)}")
     if labels is not None and (labels.min() < 0 or labels.max() >= max(num_classes, 1)):
         raise ValueError(f"class labels must lie in [0, {num_classes - 1}]; got range [{int(labels.min())}, {int(labels.max())}]")
-    out = []
     starts = range(0, num, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -42,11 +41,18 @@ def generate(
         starts = tqdm(starts, desc=f"sampling {method} x{steps}", unit="batch")
     for i, start in enumerate(starts):
         n = min(batch_size, num - start)
-        gen = step_generator(seed, i, "sample")
-        noise = torch.randn((n, *sample_shape), generator=gen).to(device)
+        noise = torch.randn((n, *sample_shape), generator=step_generator(seed, i, "sample")).to(device)
         y = None if labels is None else labels[start:start + n].to(device)
-        out.append(_run_sampler(model, noise, steps, method, y).float().cpu())
-    return torch.cat(out), labels
+        yield _run_sampler(model, noise, steps, method, y).float(), y
+
+
+def generate(model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
+             labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
+             device: str | torch.device = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All ``num`` samples (num, *sample_shape) on the CPU and their labels (or None); see :func:`iterate_samples`."""
+    batches = list(iterate_samples(model, num, sample_shape, steps, method, labels, num_classes, seed, batch_size, device, progress))
+    samples = torch.cat([b[0].cpu() for b in batches])
+    return samples, None if batches[0][1] is None else torch.cat([b[1].cpu() for b in batches])
 
 
 def _run_sampler(model, noise, steps: int, method: str, labels):
@@ -119,11 +125,13 @@ def decode_samples(samples: torch.Tensor, info: dict, device="cpu") -> torch.Ten
 
 
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
-                 ema: bool = True, device: str | torch.device = "cpu", method: str | None = None) -> dict[str, Any]:
+                 ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
+                 fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
 
     Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
-    Images: class accuracy and Frechet distance in the digits classifier's feature space (digits data).
+    Images: class accuracy and Frechet distance in the digits classifier's feature space (digits
+    data), and FID / Inception Score against ``fid_stats`` when given (see docs/EVALUATION.md).
     """
     from ..config import from_dict
     from ..data import load_dataset
@@ -150,4 +158,5 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
         return {**header, "results": evaluate_points(model, ref, plan, num, seed, device, train_points=floor)}
     from .image_eval import evaluate_images
 
-    return {**header, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, device)}
+    options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size)
+    return {**header, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, device, **options)}
