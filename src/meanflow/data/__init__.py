@@ -33,12 +33,8 @@ def load_dataset(cfg: DataConfig, seed: int, root: str = "data") -> tuple[Datase
         raise ValueError(f"unknown data set {cfg.name!r}; choose one of {', '.join(DATASETS)}")
     train, reference = _LOADERS[cfg.name](cfg, seed, root)
     if not cfg.conditional:
-        train, reference = _unlabelled(train), None if reference is None else _unlabelled(reference)
+        train, reference = train.without_labels(), None if reference is None else reference.without_labels()
     return train, reference
-
-
-def _unlabelled(data: TensorDataset) -> TensorDataset:
-    return TensorDataset(data.x, None, num_classes=0, kind=data.kind, info=data.info)
 
 
 def _subset(data: TensorDataset, index: torch.Tensor) -> TensorDataset:

@@ -27,6 +27,8 @@ class Dataset(Protocol):
 
     def get(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
+    def without_labels(self) -> "Dataset": ...
+
 
 @dataclass
 class TensorDataset:
@@ -52,6 +54,10 @@ class TensorDataset:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    def without_labels(self) -> "TensorDataset":
+        """The same data as an unconditional data set (labels None, num_classes 0)."""
+        return TensorDataset(self.x, None, num_classes=0, kind=self.kind, info=self.info)
 
     def get(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.x[index]

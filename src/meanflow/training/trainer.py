@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, save_config
-from ..data import load_dataset
+from ..data import load_dataset, random_flip
 from ..data.base import Dataset
 from ..objectives import Shard
 from . import checkpoint as ckpt
@@ -144,7 +144,7 @@ def _batch(data: Dataset, order: GlobalBatchOrder, step: int, info: D.DistInfo, 
         gen = step_generator(cfg.seed, step, "augment")
         local = x.shape[0]
         flip = (torch.rand(cfg.train.batch_size, generator=gen) < 0.5)[info.rank * local:(info.rank + 1) * local]
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = random_flip(x, flip)
     x = x.to(info.device, non_blocking=True)
     return x, None if labels is None else labels.to(info.device, non_blocking=True)
 
