@@ -7,9 +7,11 @@ A network u(z, r, t) predicts the average velocity between times r <= t. Differe
     loss  = mean_i  sg(w_i) * d_i,   d_i = ||u_i - sg(u_tgt_i)||^2,   w_i = 1 / (d_i + c)^p
 
 Samples with r = t have u_tgt = v (the factor t - r vanishes), so only the r != t part of the
-batch, a fixed count per batch, goes through ``torch.func.jvp``; its primal output carries the
-gradient (no extra forward pass). The r = t part is an ordinary forward pass. With classifier-free
-guidance the field v is replaced, in the target *and* in the tangent, by
+batch, a fixed count per batch, goes through one forward-mode pass (``torch.autograd.forward_ad``)
+whose primal output carries the gradient (no extra forward pass). It runs before the ordinary
+forward pass of the r = t part, and keeps its tangents out of the backward graph (see
+:class:`_LeanTangents`), so the step needs little more memory than a Flow Matching step. With
+classifier-free guidance the field v is replaced, in the target *and* in the tangent, by
 
     v_g = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null)
 
@@ -17,11 +19,15 @@ guidance the field v is replaced, in the target *and* in the tangent, by
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .path import _expand, conditional_velocity, interpolate
 from .time_samplers import TimeSampler, jvp_mask
@@ -223,33 +229,34 @@ class MeanFlowLoss:
         return torch.where(dropped, torch.full_like(labels, num_classes), labels)
 
     def _subset_forward(self, model, z, draws: Draws, v, labels):
-        """Forward on the r = t part, one jvp on the r != t part. Returns u, target, dudt (B, ...)."""
+        """JVP on the r != t part first, then a forward on the r = t part. Returns u, target, dudt (B, ...)."""
         fm, mf = draws.fm_index, draws.jvp_index
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         us, targets, dudts = [], [], []
+        if mf.numel():
+            for out, part in zip((us, targets, dudts), self.jvp_target(model, z[mf], draws.r[mf], draws.t[mf], v[mf], _take(labels, mf))):
+                out.append(part)
         if fm.numel():
             us.append(model(z[fm], draws.t[fm], draws.t[fm], _take(labels, fm)).to(dtype))
             targets.append(v[fm].to(dtype))
             dudts.append(torch.zeros_like(targets[-1]))
-        if mf.numel():
-            for out, part in zip((us, targets, dudts), self.jvp_target(model, z[mf], draws.r[mf], draws.t[mf], v[mf], _take(labels, mf))):
-                out.append(part)
-        inverse = _inverse(torch.cat([fm, mf]))
+        if not (mf.numel() and fm.numel()):
+            return us[0], targets[0], dudts[0]
+        inverse = _inverse(torch.cat([mf, fm]))
         return tuple(torch.cat(parts).index_select(0, inverse) for parts in (us, targets, dudts))
 
     def jvp_target(self, model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels=None):
         """u (with gradient), u_tgt = v - (t - r) du/dt (no gradient) and du/dt, all (n, ...).
 
-        The tangent (v, 0, 1) of (z, r, t) makes the JVP the total derivative d/dt u along the path.
-        Target math runs in float32 (or float64 when the inputs are float64).
+        The tangent (v, 0, 1) of (z, r, t) makes the JVP the total derivative d/dt u along the path
+        (r gets no tangent). Target math runs in float32 (or float64 when the inputs are float64).
         """
-
-        def fn(z_, r_, t_):
-            return model(z_, r_, t_, labels)
-
-        u, dudt = torch.func.jvp(fn, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
+        with _forward_mode():
+            out = model(fwAD.make_dual(z, v.to(z.dtype)), r, fwAD.make_dual(t, torch.ones_like(t)), labels)
+            u, dudt = fwAD.unpack_dual(out)
+            dudt = dudt.detach()
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        u, dudt = u.to(dtype), dudt.detach().to(dtype)
+        u, dudt = u.to(dtype), dudt.to(dtype)
         h = _expand((t - r).clamp(0, 1), u).to(dtype)
         target = (v.to(dtype) - h * dudt).detach()
         return u, target, dudt
@@ -288,6 +295,69 @@ class FlowMatchingLoss(MeanFlowLoss):
         if options.pop("ratio", 0.0) != 0.0:
             raise ValueError("FlowMatchingLoss has no r != t samples; use MeanFlowLoss for ratio > 0")
         super().__init__(ratio=0.0, weight_power=weight_power, **options)
+
+
+_LINEAR_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+
+class _LeanTangents(TorchFunctionMode):
+    """Forward-mode AD that records nothing of the tangent for the backward pass. Values are exact.
+
+    du/dt is never differentiated, but PyTorch's forward-mode rules run with gradients enabled on
+    primal values that require them, so by default every tangent op is recorded, and its inputs
+    saved, by autograd. Here every op output gets its tangent detached, which frees that record
+    at once, and linear layers and convolutions get the tangent as a single product with the
+    detached weight, W tangent(x): the built-in rule also multiplies the input by a materialised
+    zero weight tangent (parameters carry none). Calls whose weight or bias carries a tangent go
+    through untouched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _LINEAR_OPS:
+            return _detach_tangents(func(*args, **kwargs))
+        x, weight, *rest = args
+        bias = kwargs.pop("bias") if "bias" in kwargs else (rest.pop(0) if rest else None)
+        primal, tangent = fwAD.unpack_dual(x)
+        if tangent is None or _has_tangent(weight) or _has_tangent(bias):
+            return func(x, weight, bias, *rest, **kwargs)
+        out = func(primal, weight, bias, *rest, **kwargs)
+        return fwAD.make_dual(out, func(tangent, weight.detach(), None, *rest, **kwargs))
+
+
+@contextmanager
+def _forward_mode() -> Iterator[None]:
+    """A forward-AD level with :class:`_LeanTangents`; activations are saved without their tangents.
+
+    Saving a dual tensor for backward would keep its tangent alive until the level closes; the
+    pack hook saves the detached primal values instead.
+    """
+    with fwAD.dual_level(), _LeanTangents(), torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
+        yield
+
+
+def _detach_tangents(out):
+    """An op's output (a tensor, or a tuple or list of them) with tangents detached from autograd."""
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        return type(out)(_detach_tangents(o) for o in out)
+    if not isinstance(out, torch.Tensor):
+        return out
+    primal, tangent = fwAD.unpack_dual(out)
+    if tangent is None or not tangent.requires_grad:
+        return out
+    return fwAD.make_dual(primal, tangent.detach())
+
+
+def _detached(x: torch.Tensor) -> torch.Tensor:
+    return x.detach()
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _has_tangent(x: torch.Tensor | None) -> bool:
+    return x is not None and fwAD.unpack_dual(x).tangent is not None
 
 
 def _num_classes(model) -> int:
