@@ -46,3 +46,23 @@ def test_eval_reports_digits_metrics(digits_run, tmp_path, capsys):
     entry = metrics["results"]["meanflow_1nfe"]
     assert 0.0 <= entry["class_accuracy"] <= 1.0 and entry["digits_fd"] > 0
     assert metrics["weights"] == "ema"
+
+
+def test_eval_split_over_two_processes_matches_one(digits_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    args = ["eval", "--run", str(digits_run), "--steps", "1", "--num", "48", "--batch-size", "16", "--method", "meanflow"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "meanflow", *args, "--out", str(tmp_path / "one.json")], check=True, env=env, capture_output=True)
+    # "--" stops torchrun's parser from reading --run / --num as abbreviations of its own options
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "meanflow", "--"]
+    subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two.json")], check=True, env=env, capture_output=True)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    a, b = one["results"]["meanflow_1nfe"], two["results"]["meanflow_1nfe"]
+    assert a["class_accuracy"] == b["class_accuracy"]
+    assert abs(a["digits_fd"] - b["digits_fd"]) < 1e-6 * max(1.0, a["digits_fd"])

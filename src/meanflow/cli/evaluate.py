@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
                            ema=not args.raw, device=args.device, method=args.method, fid_stats=args.fid_stats,
                            inception_weights=args.inception_weights, batch_size=args.batch_size)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:

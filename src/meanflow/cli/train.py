@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 
@@ -48,12 +49,15 @@ def finish_run(out: Path) -> None:
     from ..config import load_config
     from ..training.inference import load_model
 
-    metrics = evaluate_run(out)
+    from ..training.distributed import DistInfo
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate_run(out, info=DistInfo(device=device))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     cfg = load_config(str(out / "config.yaml"))
-    model, _ = load_model(out)
+    model, _ = load_model(out, device=device)
     train_set, _ = load_dataset(cfg.data, cfg.seed)
-    preview = save_preview(model, train_set, out / "samples_1nfe.png", steps=1, seed=cfg.seed)
+    preview = save_preview(model, train_set, out / "samples_1nfe.png", steps=1, seed=cfg.seed, device=device)
     print(json.dumps(metrics["results"], indent=2))
     print(f"run directory: {out}  (preview: {preview}, metrics: {out / 'metrics.json'})")
 

@@ -19,12 +19,13 @@ from ..training.seeding import step_generator
 def iterate_samples(
     model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
     labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
-    device: str | torch.device = "cpu", progress: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (samples (b, *sample_shape) on ``device``, labels (b,) or None) batch by batch.
+    device: str | torch.device = "cpu", progress: bool = False, rank: int = 0, world_size: int = 1,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """Yield (batch index i, samples (b, *sample_shape) on ``device``, labels (b,) or None).
 
     The noise of batch i comes from a generator seeded by (seed, i), so results do not depend on
-    the device count. Class-conditional models without given labels cycle through the classes.
+    the device count; with ``world_size`` > 1 this process makes only the batches i = rank mod
+    world_size. Class-conditional models without given labels cycle through the classes.
     """
     if num < 1:
         raise ValueError(f"number of samples must be >= 1, got {num}")
@@ -40,10 +41,12 @@ def iterate_samples(
 
         starts = tqdm(starts, desc=f"sampling {method} x{steps}", unit="batch")
     for i, start in enumerate(starts):
+        if i % world_size != rank:
+            continue
         n = min(batch_size, num - start)
         noise = torch.randn((n, *sample_shape), generator=step_generator(seed, i, "sample")).to(device)
         y = None if labels is None else labels[start:start + n].to(device)
-        yield _run_sampler(model, noise, steps, method, y).float(), y
+        yield i, _run_sampler(model, noise, steps, method, y).float(), y
 
 
 def generate(model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
@@ -51,8 +54,8 @@ def generate(model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: i
              device: str | torch.device = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All ``num`` samples (num, *sample_shape) on the CPU and their labels (or None); see :func:`iterate_samples`."""
     batches = list(iterate_samples(model, num, sample_shape, steps, method, labels, num_classes, seed, batch_size, device, progress))
-    samples = torch.cat([b[0].cpu() for b in batches])
-    return samples, None if batches[0][1] is None else torch.cat([b[1].cpu() for b in batches])
+    samples = torch.cat([b[1].cpu() for b in batches])
+    return samples, None if batches[0][2] is None else torch.cat([b[2].cpu() for b in batches])
 
 
 def _run_sampler(model, noise, steps: int, method: str, labels):
@@ -126,20 +129,24 @@ def decode_samples(samples: torch.Tensor, info: dict, device="cpu") -> torch.Ten
 
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
                  ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
-                 fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+                 fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
+                 info=None) -> dict[str, Any]:
     """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
 
     Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
     Images: class accuracy and Frechet distance in the digits classifier's feature space (digits
     data), and FID / Inception Score against ``fid_stats`` when given (see docs/EVALUATION.md).
+    ``info`` (a DistInfo) defaults to the torchrun environment: every process samples its share.
     """
     from ..config import from_dict
     from ..data import load_dataset
     from ..training import checkpoint as ckpt
+    from ..training import distributed as D
     from ..training.inference import load_model
 
+    info = info or D.setup(str(device))
     directory = ckpt.resolve_checkpoint(run)
-    model, meta = load_model(directory, ema=ema, device=device)
+    model, meta = load_model(directory, ema=ema, device=info.device)
     import yaml
 
     cfg = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
@@ -155,8 +162,8 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
             raise ValueError("this data set has no held-out reference points to compare with")
         ref, _ = reference.get(torch.arange(min(num, len(reference))))
         floor, _ = train_set.get(torch.arange(min(num, len(train_set))))
-        return {**header, "results": evaluate_points(model, ref, plan, num, seed, device, train_points=floor)}
+        return {**header, "results": evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor)}
     from .image_eval import evaluate_images
 
     options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size)
-    return {**header, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, device, **options)}
+    return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}

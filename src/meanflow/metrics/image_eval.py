@@ -2,80 +2,94 @@
 
 Conventions (docs/EVALUATION.md): samples in [-1, 1] map to uint8 by clamp(round((x + 1) 127.5));
 latent samples are decoded with the VAE recorded in the checkpoint first; EMA weights by default.
+Under torchrun every process samples and featurises its share of the batches; the features are
+gathered in batch order, so the numbers equal those of a single process.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data.base import Dataset
 from ..data.images import to_uint8
+from ..training.distributed import DistInfo, gather_objects
 from .digits_classifier import DigitsClassifier
 from .frechet import feature_statistics, frechet_distance, load_stats
-from .image_metrics import compute_image_metrics
+from .image_metrics import inception_score
 
 
 def evaluate_images(
     model: nn.Module, meta: dict, train_set: Dataset, reference: Dataset | None, plan: list[tuple[str, int]],
-    num: int, seed: int, device, fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int = 500,
+    num: int, seed: int, info: DistInfo, fid_stats: str | None = None, inception_weights: str | None = None,
+    batch_size: int = 500,
 ) -> dict[str, Any]:
-    """Metrics for each (method, steps) of ``plan`` on ``num`` samples (classes cycled for conditional models)."""
-    from .evaluate import iterate_samples
+    """Metrics for each (method, steps) of ``plan`` on ``num`` samples (classes cycled for conditional models).
 
+    Returns {name: metrics} on rank 0 and {} on the other ranks.
+    """
     data = meta["data"]
-    digits = _digits_scorer(data, reference or train_set) if data["name"] == "digits" else None
-    inception = _inception(inception_weights, device) if fid_stats else None
-    ref_stats = load_stats(fid_stats) if fid_stats else None
+    extractors = {}
+    if data["name"] == "digits":
+        extractors["digits"] = DigitsClassifier.load_or_train()
+    if fid_stats:
+        from .inception import InceptionFeatures
+
+        extractors["inception"] = InceptionFeatures(weights_path=inception_weights, device=info.device)
+    if not extractors:
+        raise ValueError("no image metric applies: pass --fid-stats REF.npz (FID / IS), or evaluate a digits run")
     results = {}
     for method, steps in plan:
-        batches = iterate_samples(model, num, tuple(data["sample_shape"]), steps, method, num_classes=data["num_classes"],
-                                  seed=seed, batch_size=batch_size, device=device, progress=True)
-        images, labels = _collect_uint8(batches, data)
-        entry: dict[str, Any] = {"method": method, "nfe": steps if method != "heun" else 2 * steps - 1}
-        if digits is not None:
-            entry.update(digits(images, labels))
-        if inception is not None:
-            entry.update(compute_image_metrics(images, ref_stats, inception, batch_size=min(batch_size, 200)))
-        results[f"{method}_{steps}nfe"] = entry
+        features = _features(model, data, extractors, method, steps, num, seed, batch_size, info)
+        if info.is_main:
+            entry: dict[str, Any] = {"method": method, "nfe": steps if method != "heun" else 2 * steps - 1}
+            if "digits" in features:
+                entry.update(_digits_metrics(features["digits"], extractors["digits"], reference or train_set))
+            if "inception" in features:
+                entry.update(_inception_metrics(features["inception"], fid_stats))
+            results[f"{method}_{steps}nfe"] = entry
     return results
 
 
-def _collect_uint8(batches: Iterator, data: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode (latents) and map each batch to uint8 NHWC on the CPU; (N, H, W, C), labels (N,)."""
-    from .evaluate import decode_samples
+def _features(model, data: dict, extractors: dict, method: str, steps: int, num: int, seed: int, batch_size: int,
+              info: DistInfo) -> dict[str, dict[str, torch.Tensor]]:
+    """{extractor: {"pool": (N, D), "logits": (N, K), "labels": (N,) or None}} over all processes."""
+    from .evaluate import decode_samples, iterate_samples
 
-    images, labels = [], []
-    for samples, y in batches:
+    local = []
+    for i, samples, labels in iterate_samples(model, num, tuple(data["sample_shape"]), steps, method,
+                                              num_classes=data["num_classes"], seed=seed, batch_size=batch_size,
+                                              device=info.device, progress=info.is_main, rank=info.rank,
+                                              world_size=info.world_size):
         if data["kind"] == "latents":
-            samples = decode_samples(samples, data["info"], samples.device)
-        images.append(to_uint8(samples.cpu()))
-        if y is not None:
-            labels.append(y.cpu())
-    return torch.cat(images), (torch.cat(labels) if labels else None)
+            samples = decode_samples(samples, data["info"], info.device)
+        images = to_uint8(samples.cpu())  # (b, H, W, C)
+        outs = {name: {k: v.float().cpu() for k, v in ex(images).items()} for name, ex in extractors.items()}
+        local.append((i, outs, None if labels is None else labels.cpu()))
+    batches = sorted((b for part in gather_objects(local, info) for b in part), key=lambda b: b[0])
+    merged = {}
+    for name in extractors:
+        merged[name] = {key: torch.cat([b[1][name][key] for b in batches]) for key in ("pool", "logits")}
+        merged[name]["labels"] = None if batches[0][2] is None else torch.cat([b[2] for b in batches])
+    return merged
 
 
-def _digits_scorer(data: dict, reference: Dataset):
-    """Class accuracy (conditional) and Frechet distance in the project's digits-classifier features."""
-    classifier = DigitsClassifier.load_or_train()
+def _digits_metrics(features: dict, classifier: DigitsClassifier, reference: Dataset) -> dict[str, float]:
+    """Frechet distance to real digits in the classifier's features, and class accuracy (conditional)."""
     real, _ = reference.get(torch.arange(len(reference)))
     real_stats = feature_statistics(classifier.features(real))
-
-    def score(images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-        out = {"digits_fd": frechet_distance(*feature_statistics(classifier.features(images)), *real_stats),
-               "reference_images": len(reference)}
-        if labels is not None:
-            out["class_accuracy"] = classifier.accuracy(images, labels)
-        return out
-
-    return score
+    out = {"digits_fd": frechet_distance(*feature_statistics(features["pool"]), *real_stats), "reference_images": len(reference)}
+    if features["labels"] is not None:
+        out["class_accuracy"] = (features["logits"].argmax(1) == features["labels"]).double().mean().item()
+    return out
 
 
-def _inception(weights: str | None, device):
-    from .inception import InceptionFeatures
-
-    return InceptionFeatures(weights_path=weights, device=device)
+def _inception_metrics(features: dict, fid_stats: str) -> dict[str, float]:
+    """FID against the reference statistics and Inception Score (10 splits)."""
+    mean, std = inception_score(features["logits"])
+    return {"fid": frechet_distance(*feature_statistics(features["pool"]), *load_stats(fid_stats)),
+            "inception_score": mean, "inception_score_std": std, "num_samples": features["pool"].shape[0]}
 
 
 __all__ = ["evaluate_images"]
