@@ -251,10 +251,7 @@ class MeanFlowLoss:
         The tangent (v, 0, 1) of (z, r, t) makes the JVP the total derivative d/dt u along the path
         (r gets no tangent). Target math runs in float32 (or float64 when the inputs are float64).
         """
-        with _forward_mode():
-            out = model(fwAD.make_dual(z, v.to(z.dtype)), r, fwAD.make_dual(t, torch.ones_like(t)), labels)
-            u, dudt = fwAD.unpack_dual(out)
-            dudt = dudt.detach()
+        u, dudt = _jvp(model, z, r, t, v.to(z.dtype), labels)
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         u, dudt = u.to(dtype), dudt.to(dtype)
         h = _expand((t - r).clamp(0, 1), u).to(dtype)
@@ -316,7 +313,7 @@ class _LeanTangents(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in _LINEAR_OPS:
             return _detach_tangents(func(*args, **kwargs))
-        x, weight, *rest = args
+        x, weight, rest = args[0], args[1], list(args[2:])
         bias = kwargs.pop("bias") if "bias" in kwargs else (rest.pop(0) if rest else None)
         primal, tangent = fwAD.unpack_dual(x)
         if tangent is None or _has_tangent(weight) or _has_tangent(bias):
@@ -325,9 +322,24 @@ class _LeanTangents(TorchFunctionMode):
         return fwAD.make_dual(out, func(tangent, weight.detach(), None, *rest, **kwargs))
 
 
+def _jvp(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """u(z, r, t) with gradient and its derivative along (v, 0, 1) without, both (n, ...).
+
+    ``torch.compile``'d modules (they have ``_orig_mod``) do not support forward-mode AD through
+    ``torch.autograd.forward_ad``; they go through ``torch.func.jvp``.
+    """
+    if hasattr(model, "_orig_mod"):
+        fn = lambda z_, t_: model(z_, r, t_, labels)  # noqa: E731
+        u, dudt = torch.func.jvp(fn, (z, t), (v, torch.ones_like(t)))
+        return u, dudt.detach()
+    with _forward_mode():
+        u, dudt = fwAD.unpack_dual(model(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)), labels))
+        return u, dudt.detach()
+
+
 @contextmanager
 def _forward_mode() -> Iterator[None]:
-    """A forward-AD level with :class:`_LeanTangents`; activations are saved without their tangents.
+    """A forward-AD level with :class:`_LeanTangents`, where activations are saved without their tangents.
 
     Saving a dual tensor for backward would keep its tangent alive until the level closes; the
     pack hook saves the detached primal values instead.
