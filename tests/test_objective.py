@@ -163,27 +163,37 @@ def test_closed_form_average_velocity_satisfies_identity_through_our_jvp():
 
 
 def test_short_training_approaches_closed_form_one_step_map():
+    """Trained on N(MU, S^2) samples, the 1-NFE map x = e - u(e, 0, 1) approaches the exact MU + S e.
+
+    Mapping every e to the mean (what a Flow Matching model does in one step) has error 0.54.
+    """
+    import copy
+
     from meanflow.models import create
 
     torch.manual_seed(0)
     model = create("mlp", dim=2, width=64, depth=2)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
-    loss_fn = MeanFlowLoss(ratio=0.5)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    loss_fn = MeanFlowLoss(ratio=0.75)
     e = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
-    exact = (MU + S * e.double()).float()  # 1-NFE map of the exact u: x = e - u(e, 0, 1)
+    exact = (MU + S * e.double()).float()
 
-    def error():
-        return float((sample(model, e, steps=1) - exact).pow(2).sum(1).mean().sqrt())
+    def error(net):
+        return float((sample(net, e, steps=1) - exact).pow(2).sum(1).mean().sqrt())
 
-    before = error()
-    for step in range(600):
+    before = error(model)
+    for step in range(800):
         x = (MU + S * torch.randn(256, 2, dtype=torch.float64)).float()
         loss, _ = loss_fn(model, x)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = error()
-    assert after < 0.25 * before and after < 0.3, (before, after)
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 0.02)
+    after = error(ema)
+    assert before > 0.9 and after < 0.3, (before, after)
 
 
 # ---- classifier-free guidance inside the target --------------------------------------------------

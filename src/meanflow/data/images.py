@@ -32,12 +32,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Write images (N, C, H, W) in [-1, 1] as one PNG grid with ``nrow`` images per row (default ~sqrt(N))."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, min_size: int = 32) -> None:
+    """Write images (N, C, H, W) in [-1, 1] as one PNG grid with ``nrow`` images per row (default ~sqrt(N)).
+
+    Images smaller than ``min_size`` pixels are enlarged by an integer factor (nearest neighbour,
+    pixels stay visible) so that small samples such as 8x8 digits can be looked at.
+    """
     from PIL import Image
     from torchvision.utils import make_grid
 
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    factor = max(1, math.ceil(min_size / images.shape[-1]))
+    images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)  # (3 or C, H', W')
     pixels = to_uint8(grid[None])[0].numpy()  # (H', W', C)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

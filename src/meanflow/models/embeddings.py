@@ -12,21 +12,25 @@ import torch
 from torch import nn
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor:
     """Sinusoidal features of continuous times.
 
     Args:
-        t: (B,) times, typically in [0, 1]; scaled by 1000 so that the frequencies cover the
-            same range as the usual integer diffusion steps.
+        t: (B,) times in [0, 1].
         dim: feature width (even or odd; an odd width gets one zero column).
+        scale: multiplies t before the sinusoids. MeanFlow differentiates the network in t, and
+            d/dt sin(w scale t) grows with ``scale``: the diffusion habit of scale = 1000 makes
+            du/dt, hence the target v - (t - r) du/dt, up to a thousand times larger, and training
+            diverged on a Gaussian even with exact velocities; scale = 1 converged (see
+            tests/test_objective.py, the closed-form training test).
 
     Returns:
-        (B, dim) features ``[cos(w_k * 1000 t), sin(w_k * 1000 t)]``.
+        (B, dim) features ``[cos(w_k scale t), sin(w_k scale t)]``, w_k = max_period^(-k / (dim/2)).
     """
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
