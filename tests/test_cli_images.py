@@ -21,7 +21,7 @@ def digits_run(tmp_path_factory):
 def test_training_writes_sample_grids_and_checkpoint(digits_run):
     grids = sorted((digits_run / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step_00000002_nfe1.png", "step_00000002_nfe2.png"]
-    assert Image.open(grids[0]).size[0] > 16
+    assert Image.open(grids[0]).size[0] > 32
     assert (digits_run / "checkpoints" / "step_00000002" / "ema_0.9999.safetensors").exists()
 
 
@@ -29,7 +29,7 @@ def test_sample_npz_uint8_nhwc_with_requested_labels(digits_run, tmp_path):
     out = tmp_path / "s.npz"
     assert main(["sample", "--run", str(digits_run), "--steps", "2", "--num", "12", "--labels", "3,5", "--out", str(out)]) == 0
     data = np.load(out)
-    assert data["samples"].dtype == np.uint8 and data["samples"].shape == (12, 16, 16, 1)
+    assert data["samples"].dtype == np.uint8 and data["samples"].shape == (12, 8, 8, 1)
     assert data["labels"].tolist() == [3, 5] * 6
 
 

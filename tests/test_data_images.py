@@ -53,8 +53,12 @@ def test_random_flip_only_where_masked():
 
 def test_save_grid_png(tmp_path):
     images = torch.rand(5, 3, 8, 8) * 2 - 1
-    save_grid(images, tmp_path / "out" / "grid.png", nrow=5)
-    save_grid(images[:, :1], tmp_path / "gray.png")
+    save_grid(images, tmp_path / "out" / "grid.png", nrow=5, min_size=8)
+    save_grid(images[:, :1], tmp_path / "gray.png", min_size=8)
+    save_grid(images[:1], tmp_path / "big.png", min_size=32)  # small images enlarged 4x, nearest neighbour
+    with Image.open(tmp_path / "big.png") as big:
+        assert big.size == (32, 32)  # make_grid leaves a single image unpadded
+        assert np.array_equal(np.asarray(big)[::4, ::4], to_uint8(images[:1])[0].numpy())
     with Image.open(tmp_path / "out" / "grid.png") as grid:
         assert grid.size == (5 * 10 + 2, 10 + 2)  # padding 2 around each 8x8 image
         tile = np.asarray(grid)[2:10, 2:10]
