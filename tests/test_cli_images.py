@@ -41,7 +41,10 @@ def test_sample_png_grid(digits_run, tmp_path):
 
 def test_eval_reports_digits_metrics(digits_run, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert main(["eval", "--run", str(digits_run), "--steps", "1", "--num", "40", "--method", "meanflow", "--out", str(out)]) == 0
+    assert main(["eval", "--run", str(digits_run), "--steps", "1", "--num", "40", "--method", "meanflow", "--out", str(out),
+                 "--save-samples", str(tmp_path / "s")]) == 0
+    saved = np.load(tmp_path / "s_meanflow_1nfe.npz")
+    assert saved["samples"].shape == (40, 8, 8, 1) and saved["samples"].dtype == np.uint8 and saved["labels"].shape == (40,)
     metrics = json.loads(out.read_text())
     entry = metrics["results"]["meanflow_1nfe"]
     assert 0.0 <= entry["class_accuracy"] <= 1.0 and entry["digits_fd"] > 0

@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--fid-stats", default=None, metavar="REF.npz", help="reference statistics (mu, sigma) for FID / IS with Inception features")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help="pt_inception-2015-12-05 weights file (or env MEANFLOW_INCEPTION_WEIGHTS)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: config eval.batch_size)")
+    p.add_argument("--save-samples", default=None, metavar="STEM", help="also write image samples to STEM_<method>_<k>nfe.npz (uint8 NHWC)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=run)
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
                            ema=not args.raw, device=args.device, method=args.method, fid_stats=args.fid_stats,
-                           inception_weights=args.inception_weights, batch_size=args.batch_size)
+                           inception_weights=args.inception_weights, batch_size=args.batch_size,
+                           save_samples=args.save_samples)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     text = json.dumps(metrics, indent=2)

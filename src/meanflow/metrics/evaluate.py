@@ -130,7 +130,7 @@ def decode_samples(samples: torch.Tensor, info: dict, device="cpu") -> torch.Ten
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
                  ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
-                 info=None) -> dict[str, Any]:
+                 info=None, save_samples: str | None = None) -> dict[str, Any]:
     """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
 
     Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
@@ -165,5 +165,6 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
         return {**header, "results": evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor)}
     from .image_eval import evaluate_images
 
-    options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size)
+    options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size,
+                   save_samples=save_samples)
     return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}

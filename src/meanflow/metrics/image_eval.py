@@ -23,10 +23,12 @@ from .image_metrics import inception_score
 def evaluate_images(
     model: nn.Module, meta: dict, train_set: Dataset, reference: Dataset | None, plan: list[tuple[str, int]],
     num: int, seed: int, info: DistInfo, fid_stats: str | None = None, inception_weights: str | None = None,
-    batch_size: int = 500,
+    batch_size: int = 500, save_samples: str | None = None,
 ) -> dict[str, Any]:
     """Metrics for each (method, steps) of ``plan`` on ``num`` samples (classes cycled for conditional models).
 
+    ``save_samples``: a path stem; the uint8 NHWC samples of each sampler are written to
+    ``<stem>_<method>_<steps>nfe.npz`` (arrays ``samples`` and, when conditional, ``labels``).
     Returns {name: metrics} on rank 0 and {} on the other ranks.
     """
     data = meta["data"]
@@ -41,7 +43,9 @@ def evaluate_images(
         raise ValueError("no image metric applies: pass --fid-stats REF.npz (FID / IS), or evaluate a digits run")
     results = {}
     for method, steps in plan:
-        features = _features(model, data, extractors, method, steps, num, seed, batch_size, info)
+        features = _features(model, data, extractors, method, steps, num, seed, batch_size, info, keep=bool(save_samples))
+        if info.is_main and save_samples:
+            _save(f"{save_samples}_{method}_{steps}nfe.npz", features.pop("images"))
         if info.is_main:
             entry: dict[str, Any] = {"method": method, "nfe": steps if method != "heun" else 2 * steps - 1}
             if "digits" in features:
@@ -53,8 +57,9 @@ def evaluate_images(
 
 
 def _features(model, data: dict, extractors: dict, method: str, steps: int, num: int, seed: int, batch_size: int,
-              info: DistInfo) -> dict[str, dict[str, torch.Tensor]]:
-    """{extractor: {"pool": (N, D), "logits": (N, K), "labels": (N,) or None}} over all processes."""
+              info: DistInfo, keep: bool = False) -> dict[str, Any]:
+    """{extractor: {"pool": (N, D), "logits": (N, K), "labels": (N,) or None}} over all processes,
+    plus "images": ((N, H, W, C) uint8, labels) when ``keep``."""
     from .evaluate import decode_samples, iterate_samples
 
     local = []
@@ -66,13 +71,25 @@ def _features(model, data: dict, extractors: dict, method: str, steps: int, num:
             samples = decode_samples(samples, data["info"], info.device)
         images = to_uint8(samples.cpu())  # (b, H, W, C)
         outs = {name: {k: v.float().cpu() for k, v in ex(images).items()} for name, ex in extractors.items()}
-        local.append((i, outs, None if labels is None else labels.cpu()))
+        local.append((i, outs, None if labels is None else labels.cpu(), images if keep else None))
     batches = sorted((b for part in gather_objects(local, info) for b in part), key=lambda b: b[0])
     merged = {}
     for name in extractors:
         merged[name] = {key: torch.cat([b[1][name][key] for b in batches]) for key in ("pool", "logits")}
         merged[name]["labels"] = None if batches[0][2] is None else torch.cat([b[2] for b in batches])
+    if keep:
+        merged["images"] = (torch.cat([b[3] for b in batches]), None if batches[0][2] is None else torch.cat([b[2] for b in batches]))
     return merged
+
+
+def _save(path: str, images_and_labels) -> None:
+    import numpy as np
+
+    images, labels = images_and_labels
+    arrays = {"samples": images.numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez(path, **arrays)
 
 
 def _digits_metrics(features: dict, classifier: DigitsClassifier, reference: Dataset) -> dict[str, float]:
