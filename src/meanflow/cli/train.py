@@ -44,20 +44,13 @@ def run(args: argparse.Namespace) -> int:
 
 def finish_run(out: Path) -> None:
     """Write ``metrics.json`` and a 1-NFE preview next to the data; print the metrics."""
-    from ..metrics.evaluate import evaluate_run, save_preview
-    from ..data import load_dataset
-    from ..config import load_config
-    from ..training.inference import load_model
-
+    from ..metrics.evaluate import evaluate_run
     from ..training.distributed import DistInfo
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate_run(out, info=DistInfo(device=device))
+    preview = out / "samples_1nfe.png"
+    metrics = evaluate_run(out, info=DistInfo(device=device), preview=preview)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    cfg = load_config(str(out / "config.yaml"))
-    model, _ = load_model(out, device=device)
-    train_set, _ = load_dataset(cfg.data, cfg.seed)
-    preview = save_preview(model, train_set, out / "samples_1nfe.png", steps=1, seed=cfg.seed, device=device)
     print(json.dumps(metrics["results"], indent=2))
     print(f"run directory: {out}  (preview: {preview}, metrics: {out / 'metrics.json'})")
 

@@ -14,7 +14,7 @@ from .image_metrics import (
     precision_recall,
 )
 from .inception import InceptionFeatures, resolve_inception_weights
-from .pointcloud import energy_distance, sliced_wasserstein  # noqa: F401
+from .pointcloud import energy_distance, sliced_wasserstein
 
 __all__ = [
     "DigitsClassifier",
@@ -23,6 +23,7 @@ __all__ = [
     "RunningStatistics",
     "compute_image_metrics",
     "digits_frechet",
+    "energy_distance",
     "feature_statistics",
     "frechet_distance",
     "image_statistics",
@@ -32,4 +33,5 @@ __all__ = [
     "precision_recall",
     "resolve_inception_weights",
     "save_stats",
+    "sliced_wasserstein",
 ]

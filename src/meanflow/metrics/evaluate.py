@@ -130,15 +130,16 @@ def decode_samples(samples: torch.Tensor, info: dict, device="cpu") -> torch.Ten
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
                  ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
-                 info=None, save_samples: str | None = None) -> dict[str, Any]:
+                 info=None, save_samples: str | None = None, preview: Path | None = None) -> dict[str, Any]:
     """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
 
     Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
     Images: class accuracy and Frechet distance in the digits classifier's feature space (digits
     data), and FID / Inception Score against ``fid_stats`` when given (see docs/EVALUATION.md).
     ``info`` (a DistInfo) defaults to the torchrun environment: every process samples its share.
+    ``preview``: also write a 1-NFE preview PNG there (see :func:`save_preview`), from the same model.
     """
-    from ..config import from_dict
+    from ..config import load_config
     from ..data import load_dataset
     from ..training import checkpoint as ckpt
     from ..training import distributed as D
@@ -147,13 +148,13 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     info = info or D.setup(str(device))
     directory = ckpt.resolve_checkpoint(run)
     model, meta = load_model(directory, ema=ema, device=info.device)
-    import yaml
-
-    cfg = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+    cfg = load_config(str(directory / "config.yaml"))
     steps = steps or cfg.eval.steps
     num = num or cfg.eval.num_samples
     seed = cfg.seed + 1 if seed is None else seed
     train_set, reference = load_dataset(cfg.data, cfg.seed)
+    if preview is not None and info.is_main:
+        save_preview(model, train_set, preview, steps=1, seed=cfg.seed, device=info.device)
     plan = [(method, k) for k in steps] if method else sampler_plan(cfg.objective.kind, steps, cfg.eval.baseline_ode_steps)
     header = {"checkpoint": str(directory), "step": meta.get("step"), "weights": "ema" if ema else "raw", "objective": cfg.objective.kind,
               "data": cfg.data.name, "num_samples": num, "seed": seed}

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.base import Dataset
 from ..data.images import to_uint8
+from ..sampling import nfe
 from ..training.distributed import DistInfo, gather_objects
 from .digits_classifier import DigitsClassifier
 from .frechet import feature_statistics, frechet_distance, load_stats
@@ -41,15 +42,16 @@ def evaluate_images(
         extractors["inception"] = InceptionFeatures(weights_path=inception_weights, device=info.device)
     if not extractors:
         raise ValueError("no image metric applies: pass --fid-stats REF.npz (FID / IS), or evaluate a digits run")
+    real_stats = _digits_reference(extractors["digits"], reference or train_set) if "digits" in extractors else None
     results = {}
     for method, steps in plan:
         features = _features(model, data, extractors, method, steps, num, seed, batch_size, info, keep=bool(save_samples))
         if info.is_main and save_samples:
             _save(f"{save_samples}_{method}_{steps}nfe.npz", features.pop("images"))
         if info.is_main:
-            entry: dict[str, Any] = {"method": method, "nfe": steps if method != "heun" else 2 * steps - 1}
+            entry: dict[str, Any] = {"method": method, "nfe": nfe(steps, method)}
             if "digits" in features:
-                entry.update(_digits_metrics(features["digits"], extractors["digits"], reference or train_set))
+                entry.update(_digits_metrics(features["digits"], real_stats, len(reference or train_set)))
             if "inception" in features:
                 entry.update(_inception_metrics(features["inception"], fid_stats))
             results[f"{method}_{steps}nfe"] = entry
@@ -92,11 +94,15 @@ def _save(path: str, images_and_labels) -> None:
     np.savez(path, **arrays)
 
 
-def _digits_metrics(features: dict, classifier: DigitsClassifier, reference: Dataset) -> dict[str, float]:
-    """Frechet distance to real digits in the classifier's features, and class accuracy (conditional)."""
+def _digits_reference(classifier: DigitsClassifier, reference: Dataset):
+    """(mu, sigma) of the real reference digits in the classifier's feature space."""
     real, _ = reference.get(torch.arange(len(reference)))
-    real_stats = feature_statistics(classifier.features(real))
-    out = {"digits_fd": frechet_distance(*feature_statistics(features["pool"]), *real_stats), "reference_images": len(reference)}
+    return feature_statistics(classifier.features(real))
+
+
+def _digits_metrics(features: dict, real_stats, num_reference: int) -> dict[str, float]:
+    """Frechet distance to real digits in the classifier's features, and class accuracy (conditional)."""
+    out = {"digits_fd": frechet_distance(*feature_statistics(features["pool"]), *real_stats), "reference_images": num_reference}
     if features["labels"] is not None:
         out["class_accuracy"] = (features["logits"].argmax(1) == features["labels"]).double().mean().item()
     return out

@@ -12,7 +12,7 @@ import copy
 import math
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class TrainState:
     step: int = 0
     bad_steps: int = 0
     consecutive_bad: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dataset, Dataset | None] | None = None) -> Path:
