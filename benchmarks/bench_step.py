@@ -9,7 +9,7 @@ a warmup, so machine load hits every variant alike:
 
 * ``fm``: Flow Matching (``FlowMatchingLoss``), the reference;
 * ``mf25`` / ``mf75``: our MeanFlow step with 25% / 75% of the batch at r != t;
-* ``mf_full``: the same loss with the JVP over the whole batch (``jvp_subset=False``, 25% r != t);
+* ``mf_full``: the same loss with the JVP over the whole batch (``jvp="full"``, 25% r != t);
 * ``public``: the public-implementation baseline written below (:class:`PublicReferenceLoss`,
   25% r != t): u with gradient from a forward pass, the JVP again in a separate no-grad call.
 
@@ -106,7 +106,8 @@ LOSSES: dict[str, Callable[[], Callable]] = {
     "fm": FlowMatchingLoss,
     "mf25": lambda: MeanFlowLoss(ratio=0.25),
     "mf75": lambda: MeanFlowLoss(ratio=0.75),
-    "mf_full": lambda: MeanFlowLoss(ratio=0.25, jvp_subset=False),
+    "mf25_fwad": lambda: MeanFlowLoss(ratio=0.25, jvp="forward_ad"),
+    "mf_full": lambda: MeanFlowLoss(ratio=0.25, jvp="full"),
     "public": lambda: PublicReferenceLoss(ratio=0.25),
 }
 COMPILED = ("fm", "mf25", "mf75")

@@ -45,7 +45,7 @@ def net():
 @pytest.mark.parametrize("subset", [True, False])
 def test_target_matches_finite_differences(net, subset):
     x = torch.randn(32, 3, dtype=torch.float64)
-    loss_fn = MeanFlowLoss(ratio=0.5, jvp_subset=subset, time_sampler="uniform")
+    loss_fn = MeanFlowLoss(ratio=0.5, jvp=("auto" if subset else "full"), time_sampler="uniform")
     out = loss_fn.targets(net, x, generator=torch.Generator().manual_seed(3))
     d = out.draws
     # t stays away from 0/1 by construction of the draws; clip anyway for the FD stencil
@@ -61,7 +61,7 @@ def test_subset_and_full_batch_agree_in_loss_and_gradients(net):
     grads, losses = [], []
     for subset in (True, False):
         net.zero_grad()
-        loss, _ = MeanFlowLoss(ratio=0.25, jvp_subset=subset)(net, x, generator=torch.Generator().manual_seed(5))
+        loss, _ = MeanFlowLoss(ratio=0.25, jvp=("auto" if subset else "full"))(net, x, generator=torch.Generator().manual_seed(5))
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))

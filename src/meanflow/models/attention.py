@@ -15,6 +15,10 @@ kernels have no forward-mode derivative; three backends do:
   the output and its tangent in one fused pass (CUDA; float16, bfloat16, float32; head
   dimension 16, 32, 64 or 128; sequence length even and >= 32).
 
+With :class:`meanflow.models.dual.Dual` inputs (our models' MeanFlow training path) the primal
+goes through the chosen backend, so flash attention and its backward serve the whole batch,
+and the tangent of the r != t rows is computed beside it by :func:`attention_tangent`.
+
 ``"auto"`` (the default) picks ``jvp_flash`` when the package imports and the inputs suit the
 kernel, ``sdpa`` for other CUDA inputs and ``math`` on the CPU. Override it per call with the
 ``backend`` argument or globally with the environment variable ``MEANFLOW_ATTENTION``.
@@ -29,6 +33,8 @@ from types import ModuleType
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+
+from .dual import Dual
 
 BACKENDS = ("auto", "math", "sdpa", "jvp_flash")
 ENV_VAR = "MEANFLOW_ATTENTION"
@@ -101,8 +107,14 @@ def resolve_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with plain ops. q, k, v: (B, heads, N, d) -> (B, heads, N, d)."""
+    return _math_attention_and_probs(q, k, v)[0]
+
+
+def _math_attention_and_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`math_attention` and its probabilities softmax(q k^T / sqrt(d)): (B, heads, N, d), (B, heads, N, N)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, N)
-    return scores.softmax(dim=-1) @ v  # (B, heads, N, d)
+    probs = scores.softmax(dim=-1)
+    return probs @ v, probs
 
 
 def _has_tangent(*tensors: torch.Tensor) -> bool:
@@ -134,17 +146,59 @@ def jvp_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 _KERNELS = {"math": math_attention, "sdpa": sdpa_attention, "jvp_flash": jvp_flash_attention}
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """Scaled dot-product attention that forward-mode AD can go through.
+def attention_tangent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tangent of softmax(q k^T / sqrt(d)) v along (dq, dk, dv), all (n, heads, N, d); no autograd.
+
+    With p = softmax(s), s = q k^T / sqrt(d): ds = (dq k^T + q dk^T) / sqrt(d),
+    dp = p * (ds - rowsum(p * ds)) (softmax's fused backward kernel: its Jacobian is symmetric),
+    and d(p v) = dp v + p dv. ``probs`` (n, heads, N, N) is p when already known. Sums of two
+    products accumulate in place (``baddbmm_``), and 1 / sqrt(d) is applied once at the end (dp is
+    linear in ds).
+    """
+    n, heads, tokens, d = q.shape
+    flat = lambda x: x.reshape(n * heads, *x.shape[2:])  # noqa: E731  (n heads, N, .)
+    with torch.no_grad():
+        p = torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) if probs is None else probs  # (n, heads, N, N)
+        k_t, dk_t = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)  # (n heads, d, N)
+        ds = torch.bmm(flat(dq), k_t).baddbmm_(flat(q), dk_t)  # (n heads, N, N), unscaled
+        dp = torch._softmax_backward_data(ds.to(p.dtype), flat(p), -1, p.dtype).to(v.dtype)  # (n heads, N, N)
+        out = torch.bmm(dp, flat(v)).baddbmm_(flat(p).to(dv.dtype), flat(dv), alpha=d**0.5).mul_(d**-0.5)  # (n heads, N, d)
+        return out.reshape(n, heads, tokens, d)
+
+
+def attention(
+    q: torch.Tensor | Dual, k: torch.Tensor | Dual, v: torch.Tensor | Dual, backend: str | None = None
+) -> torch.Tensor | Dual:
+    """Scaled dot-product attention that forward-mode AD and :class:`Dual` values can go through.
 
     Args:
-        q, k, v: (B, heads, N, d) queries, keys and values.
+        q, k, v: (B, heads, N, d) queries, keys and values; all plain tensors or all Duals.
         backend: "auto", "math", "sdpa" or "jvp_flash"; None reads ``$MEANFLOW_ATTENTION``
             (default "auto", see the module docstring).
 
     Returns:
-        (B, heads, N, d) attention output.
+        (B, heads, N, d) attention output (a Dual for Dual inputs).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention needs q, k, v of one shape (B, heads, N, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    duals = [isinstance(x, Dual) for x in (q, k, v)]
+    if any(duals):
+        if not all(duals) or len({q.rows, k.rows, v.rows}) != 1:
+            raise ValueError("attention takes q, k, v all plain or all Duals over the same rows")
+        n, probs = q.rows, None
+        if resolve_backend(q.primal, k.primal, v.primal, backend) == "math":  # the primal's p serves the tangent
+            out, probs = _math_attention_and_probs(q.primal, k.primal, v.primal)
+            probs = probs[:n].detach()
+        else:
+            out = attention(q.primal, k.primal, v.primal, backend)
+        tangent = attention_tangent(q.head(), k.head(), v.head(), q.tangent, k.tangent, v.tangent, probs)
+        return Dual(out, tangent.to(out.dtype))
     return _KERNELS[resolve_backend(q, k, v, backend)](q, k, v)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import dual
 from .attention import attention
+from .dual import Dual
 from .embeddings import MeanFlowConditioning
 from .registry import register
 
@@ -41,9 +43,9 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1).float()
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor | Dual, shift: torch.Tensor | Dual, scale: torch.Tensor | Dual) -> torch.Tensor | Dual:
     """x * (1 + scale) + shift with per-sample shift, scale: x (B, N, D), shift/scale (B, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return dual.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class PatchEmbed(nn.Module):
@@ -51,10 +53,10 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int, patch: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+        self.proj = dual.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+    def forward(self, x: torch.Tensor | Dual) -> torch.Tensor | Dual:
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D), token-major in memory
 
 
 class SelfAttention(nn.Module):
@@ -64,13 +66,13 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.backend = backend
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.qkv = dual.Linear(hidden, 3 * hidden)
+        self.proj = dual.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Dual) -> torch.Tensor | Dual:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)  # (B, N, 3, heads, d_h)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d_h) each
+        q, k, v = qkv.permute(0, 2, 3, 1, 4).unbind(1)  # (B, heads, N, d_h) each
         out = attention(q, k, v, self.backend)  # (B, heads, N, d_h)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
 
@@ -81,18 +83,18 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, backend: str | None = None):
         super().__init__()
         mlp_hidden = int(hidden * mlp_ratio)
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = dual.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(hidden, heads, backend)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = dual.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(mlp_hidden, hidden)
+            dual.Linear(hidden, mlp_hidden), dual.GELU(approximate="tanh"), dual.Dropout(dropout), dual.Linear(mlp_hidden, hidden)
         )
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.ada = nn.Sequential(dual.SiLU(), dual.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Dual, c: torch.Tensor | Dual) -> torch.Tensor | Dual:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # (B, D) each
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, N, D)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, N, D)
+        x = dual.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1)))  # (B, N, D)
+        return dual.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm2(x), shift2, scale2)))  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
@@ -100,11 +102,11 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden: int, patch: int, out_channels: int):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.norm = dual.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(dual.SiLU(), dual.Linear(hidden, 2 * hidden))
+        self.linear = dual.Linear(hidden, patch * patch * out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Dual, c: torch.Tensor | Dual) -> torch.Tensor | Dual:
         shift, scale = self.ada(c).chunk(2, dim=1)  # (B, D) each
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p * p * C)
 
@@ -120,7 +122,11 @@ class DiT(nn.Module):
         depth, hidden, heads, patch, mlp_ratio: transformer size.
         dropout: dropout inside the MLPs (0 in the paper).
         attention_backend: see :mod:`meanflow.models.attention`; None follows $MEANFLOW_ATTENTION.
+
+    z and t may be :class:`meanflow.models.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
+
+    supports_dual = True
 
     def __init__(
         self,
@@ -171,13 +177,15 @@ class DiT(nn.Module):
             nn.init.zeros_(ada.weight)
             nn.init.zeros_(ada.bias)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, x: torch.Tensor | Dual) -> torch.Tensor | Dual:
         """(B, N, p * p * C) tokens -> (B, C, H, W) image."""
         (gh, gw), p, c = self.grid, self.patch, self.in_channels
         x = x.reshape(x.shape[0], gh, gw, p, p, c)  # (B, gh, gw, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, gh * p, gw * p)  # (B, C, H, W)
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor | Dual, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | Dual:
         check_image(z, self.in_channels, self.input_size, "DiT")
         x = self.patch_embed(z) + self.pos_embed.to(z.dtype)  # (B, N, D)
         c = self.cond(r, t, labels)  # (B, D)
@@ -187,7 +195,7 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (B, C, H, W)
 
 
-def check_image(z: torch.Tensor, channels: int, size: tuple[int, int], family: str) -> None:
+def check_image(z: torch.Tensor | Dual, channels: int, size: tuple[int, int], family: str) -> None:
     """Raise ValueError unless z has shape (B, channels, *size)."""
     if z.ndim != 4 or tuple(z.shape[1:]) != (channels, *size):
         raise ValueError(

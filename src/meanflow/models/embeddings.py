@@ -11,12 +11,16 @@ import math
 import torch
 from torch import nn
 
+from . import dual
+from .dual import Dual
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor:
+
+def sinusoidal_embedding(t: torch.Tensor | Dual, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor | Dual:
     """Sinusoidal features of continuous times.
 
     Args:
-        t: (B,) times in [0, 1].
+        t: (B,) times in [0, 1], or a Dual; its tangent rows get d/dt of the features,
+            ``scale w_k [-sin(w_k scale t), cos(w_k scale t)] dt``.
         dim: feature width (even or odd; an odd width gets one zero column).
         scale: multiplies t before the sinusoids. MeanFlow differentiates the network in t, and
             d/dt sin(w scale t) grows with ``scale``: the diffusion habit of scale = 1000 makes
@@ -29,12 +33,21 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
     """
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = scale * t.to(dtype)[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb.to(t.dtype) if t.is_floating_point() else emb
+    freqs = scale * torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)  # (half,)
+    out_dtype = t.dtype if dual.primal(t).is_floating_point() else dtype
+    args = dual.primal(t).to(dtype)[:, None] * freqs[None]  # (B, half)
+    cos, sin = torch.cos(args), torch.sin(args)
+    emb = _pad_odd(torch.cat([cos, sin], dim=-1), dim).to(out_dtype)  # (B, dim)
+    if not isinstance(t, Dual):
+        return emb
+    n, dt = t.rows, t.tangent.to(dtype)[:, None]  # (n, 1)
+    tangent = torch.cat([-sin[:n] * freqs, cos[:n] * freqs], dim=-1) * dt  # (n, 2 half)
+    return Dual(emb, _pad_odd(tangent, dim).to(out_dtype))
+
+
+def _pad_odd(features: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, 2 * (dim // 2)) -> (B, dim): one zero column when dim is odd."""
+    return torch.cat([features, torch.zeros_like(features[:, :1])], dim=-1) if dim % 2 else features
 
 
 class TimestepEmbedder(nn.Module):
@@ -43,9 +56,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, frequency_dim: int = 256):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(dual.Linear(frequency_dim, hidden), dual.SiLU(), dual.Linear(hidden, hidden))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor | Dual) -> torch.Tensor | Dual:
         freq = sinusoidal_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
         return self.mlp(freq)
 
@@ -79,8 +92,8 @@ class MeanFlowConditioning(nn.Module):
         self.h_embed = TimestepEmbedder(hidden, frequency_dim)
         self.y_embed = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
 
-    def forward(self, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """r, t: (B,); labels: (B,) int64 or None. Returns (B, hidden)."""
+    def forward(self, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None) -> torch.Tensor | Dual:
+        """r, t: (B,); labels: (B,) int64 or None. Returns (B, hidden) (a Dual for a Dual t)."""
         c = self.t_embed(t) + self.h_embed(t - r)
         if self.y_embed is not None:
             if labels is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import dual
+from .dual import Dual
 from .embeddings import MeanFlowConditioning
 from .registry import register
 
@@ -13,17 +15,22 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, width: int, dropout: float = 0.0):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.film = nn.Linear(width, 2 * width)
-        self.net = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, width))
+        self.norm = dual.LayerNorm(width, elementwise_affine=False)
+        self.film = dual.Linear(width, 2 * width)
+        self.net = nn.Sequential(dual.Linear(width, width), dual.SiLU(), dual.Dropout(dropout), dual.Linear(width, width))
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor | Dual, c: torch.Tensor | Dual) -> torch.Tensor | Dual:
         scale, shift = self.film(c).chunk(2, dim=-1)  # (B, W) each
-        return h + self.net(self.norm(h) * (1 + scale) + shift)
+        return h + self.net(dual.addcmul(shift, self.norm(h), 1 + scale))
 
 
 class MLP(nn.Module):
-    """u(z, r, t, labels): (B, dim) -> (B, dim), conditioned on emb_t(t) + emb_h(t - r)."""
+    """u(z, r, t, labels): (B, dim) -> (B, dim), conditioned on emb_t(t) + emb_h(t - r).
+
+    z and t may be :class:`meanflow.models.dual.Dual` values (the MeanFlow JVP rides along the forward).
+    """
+
+    supports_dual = True
 
     def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0):
         super().__init__()
@@ -32,14 +39,16 @@ class MLP(nn.Module):
         self.dim = dim
         self.num_classes = num_classes
         self.cond = MeanFlowConditioning(width, num_classes, frequency_dim=min(256, 4 * width))
-        self.inp = nn.Linear(dim, width)
+        self.inp = dual.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(dual.LayerNorm(width), dual.SiLU(), dual.Linear(width, dim))
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor | Dual, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | Dual:
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"MLP built for data of shape (B, {self.dim}) got input of shape {tuple(z.shape)}")
-        c = torch.nn.functional.silu(self.cond(r, t, labels))  # (B, W)
+        c = dual.silu(self.cond(r, t, labels))  # (B, W)
         h = self.inp(z)  # (B, W)
         for block in self.blocks:
             h = block(h, c)

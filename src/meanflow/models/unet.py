@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dual
 from .attention import attention
 from .dit import check_image
+from .dual import Dual
 from .embeddings import MeanFlowConditioning
 from .registry import register
 
@@ -29,12 +31,12 @@ SKIP_SCALE = math.sqrt(0.5)
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with min(32, channels / 4) groups."""
-    return nn.GroupNorm(max(1, min(32, channels // 4)), channels, eps=1e-6)
+    return dual.GroupNorm(max(1, min(32, channels // 4)), channels, eps=1e-6)
 
 
 def conv(cin: int, cout: int, kernel: int, zero: bool = False) -> nn.Conv2d:
     """'Same'-padded convolution, Xavier-uniform (or zero) weights, zero bias."""
-    layer = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+    layer = dual.Conv2d(cin, cout, kernel, padding=kernel // 2)
     if zero:
         nn.init.zeros_(layer.weight)
     else:
@@ -43,13 +45,15 @@ def conv(cin: int, cout: int, kernel: int, zero: bool = False) -> nn.Conv2d:
     return layer
 
 
-def resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
+def resample(x: torch.Tensor | Dual, mode: str | None) -> torch.Tensor | Dual:
     """(B, C, H, W) -> 2x average-pooled ("down"), 2x nearest-upsampled ("up") or unchanged (None)."""
+    if mode is None:
+        return x
     if mode == "down":
-        return F.avg_pool2d(x, 2)  # (B, C, H/2, W/2)
-    if mode == "up":
-        return F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
-    return x
+        op = lambda a: F.avg_pool2d(a, 2)  # noqa: E731  (B, C, H/2, W/2)
+    else:
+        op = lambda a: F.interpolate(a, scale_factor=2, mode="nearest")  # noqa: E731  (B, C, 2H, 2W)
+    return x.map(op) if isinstance(x, Dual) else op(x)
 
 
 class SpatialAttention(nn.Module):
@@ -65,7 +69,7 @@ class SpatialAttention(nn.Module):
         self.qkv = conv(channels, 3 * channels, 1)
         self.proj = conv(channels, channels, 1, zero=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Dual) -> torch.Tensor | Dual:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, N, d) each
@@ -98,24 +102,24 @@ class UNetBlock(nn.Module):
         self.mode, self.adaptive_scale = mode, adaptive_scale
         self.norm0 = group_norm(cin)
         self.conv0 = conv(cin, cout, 3)
-        self.affine = nn.Linear(emb_channels, 2 * cout if adaptive_scale else cout)
+        self.affine = dual.Linear(emb_channels, 2 * cout if adaptive_scale else cout)
         self.norm1 = group_norm(cout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dual.Dropout(dropout)
         self.conv1 = conv(cout, cout, 3, zero=True)
         self.skip = conv(cin, cout, 1) if cin != cout or mode is not None else nn.Identity()
         self.attn = SpatialAttention(cout, heads, backend) if attend else nn.Identity()
         nn.init.xavier_uniform_(self.affine.weight)
         nn.init.zeros_(self.affine.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(resample(F.silu(self.norm0(x)), self.mode))  # (B, cout, H', W')
+    def forward(self, x: torch.Tensor | Dual, emb: torch.Tensor | Dual) -> torch.Tensor | Dual:
+        h = self.conv0(resample(dual.silu(self.norm0(x)), self.mode))  # (B, cout, H', W')
         params = self.affine(emb)[:, :, None, None]  # (B, 2 cout or cout, 1, 1)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)  # (B, cout, 1, 1) each
-            h = self.norm1(h) * (1 + scale) + shift  # (B, cout, H', W')
+            h = dual.addcmul(shift, self.norm1(h), 1 + scale)  # (B, cout, H', W')
         else:
             h = self.norm1(h + params)  # (B, cout, H', W')
-        h = self.conv1(self.dropout(F.silu(h)))  # (B, cout, H', W')
+        h = self.conv1(self.dropout(dual.silu(h)))  # (B, cout, H', W')
         x = (h + self.skip(resample(x, self.mode))) * SKIP_SCALE  # (B, cout, H', W')
         return self.attn(x)  # (B, cout, H', W')
 
@@ -137,7 +141,11 @@ class UNet(nn.Module):
         attn_heads: attention heads (DDPM++ uses one).
         emb_mult: conditioning width is emb_mult * model_channels.
         attention_backend: see :mod:`meanflow.models.attention`; None follows $MEANFLOW_ATTENTION.
+
+    z and t may be :class:`meanflow.models.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
+
+    supports_dual = True
 
     def __init__(
         self,
@@ -196,9 +204,11 @@ class UNet(nn.Module):
         self.out_norm = group_norm(cout)
         self.out_conv = conv(cout, in_channels, 3, zero=True)
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor | Dual, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | Dual:
         check_image(z, self.in_channels, self.input_size, "U-Net")
-        emb = F.silu(self.cond(r, t, labels))  # (B, E)
+        emb = dual.silu(self.cond(r, t, labels))  # (B, E)
         x = self.stem(z)  # (B, C0, H, W)
         skips = [x]
         for block in self.encoder:
@@ -208,9 +218,9 @@ class UNet(nn.Module):
             x = block(x, emb)  # (B, C_L, H_L, W_L)
         for block in self.decoder:
             if block.mode != "up":
-                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H_l, W_l)
+                x = dual.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H_l, W_l)
             x = block(x, emb)  # (B, C_l, H_l, W_l)
-        return self.out_conv(F.silu(self.out_norm(x)))  # (B, C, H, W)
+        return self.out_conv(dual.silu(self.out_norm(x)))  # (B, C, H, W)
 
 
 # name: (model_channels, channel_mult, num_blocks, attn_resolutions, dropout)

@@ -6,11 +6,19 @@ A network u(z, r, t) predicts the average velocity between times r <= t. Differe
     u_tgt = v - (t - r) * du/dt,     du/dt = v . d_z u + d_t u   (one JVP, tangent (v, 0, 1))
     loss  = mean_i  sg(w_i) * d_i,   d_i = ||u_i - sg(u_tgt_i)||^2,   w_i = 1 / (d_i + c)^p
 
-Samples with r = t have u_tgt = v (the factor t - r vanishes), so only the r != t part of the
-batch, a fixed count per batch, goes through one forward-mode pass (``torch.autograd.forward_ad``)
-whose primal output carries the gradient (no extra forward pass). It runs before the ordinary
-forward pass of the r = t part, and keeps its tangents out of the backward graph (see
-:class:`_LeanTangents`), so the step needs little more memory than a Flow Matching step. With
+Samples with r = t have u_tgt = v (the factor t - r vanishes), so du/dt is needed only for the
+r != t part of the batch, a fixed count per batch. How it is computed (``jvp``):
+
+* ``"dual"``: our models (``supports_dual``) run one ordinary forward pass over the whole batch,
+  r != t rows first, on :class:`meanflow.models.dual.Dual` values that carry the tangent of
+  those rows beside the primal, outside autograd: a Flow Matching step plus one tangent pass.
+* ``"forward_ad"``: any model. The r != t rows go through one forward-mode pass
+  (``torch.autograd.forward_ad``) whose primal output carries the gradient, before an ordinary
+  forward pass of the r = t rows; its tangents stay out of the backward graph (see
+  :class:`_LeanTangents`).
+* ``"full"``: one forward-mode pass over the whole batch, the reference computation.
+
+``"auto"`` picks ``dual`` where the model supports it, else ``forward_ad``. With
 classifier-free guidance the field v is replaced, in the target *and* in the tangent, by
 
     v_g = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null)
@@ -29,10 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..models.dual import Dual, supports_dual
 from .path import _expand, conditional_velocity, interpolate
 from .time_samplers import TimeSampler, jvp_mask
 
 Stats = dict[str, float]
+JVP_MODES = ("auto", "dual", "forward_ad", "full")
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,8 @@ class MeanFlowLoss:
         omega, kappa: guidance mixing inside the target (omega = 1, kappa = 0: no guidance).
         t_start, t_end: guidance is applied only for t in [t_start, t_end].
         label_drop: probability of replacing a label by the null class (class-conditional models).
-        jvp_subset: run the JVP only on the r != t samples (True) or on the whole batch (False,
-            the reference computation; identical loss and gradients, more work).
+        jvp: how du/dt is computed: "auto", "dual", "forward_ad" or "full" (module docstring);
+            all give the same loss and gradients.
 
     The model must be callable as ``model(z, r, t, labels)`` and, when labels are used, expose
     ``num_classes`` (the null label is ``num_classes``).
@@ -107,7 +117,7 @@ class MeanFlowLoss:
         t_start: float = 0.0,
         t_end: float = 1.0,
         label_drop: float = 0.1,
-        jvp_subset: bool = True,
+        jvp: str = "auto",
     ):
         _check_range("ratio", ratio, 0.0, 1.0)
         _check_range("label_drop", label_drop, 0.0, 1.0)
@@ -115,6 +125,8 @@ class MeanFlowLoss:
         _check_range("t_end", t_end, t_start, 1.0)
         if weight_power < 0 or weight_eps <= 0:
             raise ValueError(f"adaptive weighting needs weight_power >= 0 and weight_eps > 0, got {weight_power}, {weight_eps}")
+        if jvp not in JVP_MODES:
+            raise ValueError(f"jvp must be one of {', '.join(JVP_MODES)}, got {jvp!r}")
         if omega <= 0:
             raise ValueError(f"guidance scale omega must be > 0, got {omega}")
         self.ratio = ratio
@@ -124,7 +136,7 @@ class MeanFlowLoss:
         self.omega, self.kappa = omega, kappa
         self.t_start, self.t_end = t_start, t_end
         self.label_drop = label_drop
-        self.jvp_subset = jvp_subset
+        self.jvp = jvp
 
     @property
     def guided(self) -> bool:
@@ -188,10 +200,12 @@ class MeanFlowLoss:
         labels = self._labels(model, labels, draws.dropped, x.shape[0])
         z = interpolate(x, draws.noise, draws.t)
         v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels)
-        if self.jvp_subset:
-            u, target, dudt = self._subset_forward(model, z, draws, v, labels)
-        else:
+        if self.jvp == "full":
             u, target, dudt = self.jvp_target(model, z, draws.r, draws.t, v, labels)
+        elif self._use_dual(model) and draws.jvp_index.numel():
+            u, target, dudt = self._dual_forward(model, z, draws, v, labels)
+        else:
+            u, target, dudt = self._subset_forward(model, z, draws, v, labels)
         return Targets(u=u, target=target, dudt=dudt, z=z, v=v, labels=labels, draws=draws)
 
     def guided_velocity(
@@ -227,6 +241,31 @@ class MeanFlowLoss:
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes - 1}], got range [{int(labels.min())}, {int(labels.max())}]")
         return torch.where(dropped, torch.full_like(labels, num_classes), labels)
+
+    def _use_dual(self, model) -> bool:
+        if self.jvp == "dual" and not supports_dual(model):
+            raise ValueError("jvp='dual' needs a model that takes Dual inputs (supports_dual = True); use jvp='auto' or 'forward_ad'")
+        return self.jvp in ("auto", "dual") and supports_dual(model)
+
+    def _dual_forward(self, model, z, draws: Draws, v, labels):
+        """One forward pass over the batch, r != t rows first, with du/dt of those rows as a Dual tangent.
+
+        Returns u (with gradient), target and du/dt (no gradient), all (B, ...) in the batch's order.
+        """
+        mf, fm = draws.jvp_index, draws.fm_index
+        order, n = torch.cat([mf, fm]), mf.numel()
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        t, r = draws.t[order], draws.r[order]
+        out = model(Dual(z[order], v[mf].to(z.dtype)), r, Dual(t, torch.ones_like(t[:n])), _take(labels, order))
+        if not isinstance(out, Dual):
+            raise TypeError(f"{type(model).__name__} claims supports_dual but returned {type(out).__name__} for Dual inputs")
+        u, dudt = out.primal.to(dtype), out.tangent.to(dtype)  # (B, ...), (n, ...)
+        v = v[order].to(dtype)
+        h = _expand((t[:n] - r[:n]).clamp(0, 1), dudt).to(dtype)  # (n, 1, ...)
+        target = torch.cat([v[:n] - h * dudt, v[n:]])  # (B, ...)
+        dudt = torch.cat([dudt, dudt.new_zeros(len(fm), *dudt.shape[1:])])  # (B, ...)
+        inverse = _inverse(order)
+        return u.index_select(0, inverse), target.index_select(0, inverse), dudt.index_select(0, inverse)
 
     def _subset_forward(self, model, z, draws: Draws, v, labels):
         """JVP on the r != t part first, then a forward on the r = t part. Returns u, target, dudt (B, ...)."""

@@ -1,0 +1,386 @@
+"""Dual numbers over the leading rows of a batch: the MeanFlow JVP inside the forward pass.
+
+The MeanFlow target needs du/dt = J_u . (v, 0, 1) for the r != t rows of a batch only. Our
+models compute it during their ordinary forward pass over the whole batch, on :class:`Dual`
+values: the primal (B, ...) is exactly the plain forward's, recorded by autograd as usual, and
+beside it the tangent of its first n rows (n, ...) is propagated under ``torch.no_grad()``
+(du/dt is a stop-gradient target, so nothing of it is saved for backward). The cost over a
+Flow Matching step is one tangent pass over n rows. Each op's tangent rule is written out:
+
+    linear, conv            W dx                     (no bias term, no zero weight tangent)
+    LayerNorm, GroupNorm    rstd (dx - mean(dx) - x_hat mean(x_hat dx)), then the affine scale
+    GELU, SiLU              f'(x) dx
+    softmax (attention)     p (ds - sum(p ds))
+    a * b, a + b            da b + a db, da + db
+
+A normalisation's Jacobian (before its affine scale) is symmetric and so is an elementwise
+function's, so their tangents come from PyTorch's fused backward kernels (one kernel each).
+
+The batch dimension stays first: ops that would move, split or index it raise. A model opts in
+by setting ``supports_dual = True`` and building from the layers at the end of this module
+(drop-in subclasses of ``nn.Linear`` and friends, with the same parameters) and the functions
+here, which pass plain tensors straight to the ordinary ops.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+class Dual:
+    """Primal values (B, ...) and the tangent (n, ...) of their first n rows, n <= B.
+
+    The primal may require gradients; the tangent never does.
+    """
+
+    __slots__ = ("primal", "tangent")
+
+    def __init__(self, primal: Tensor, tangent: Tensor):
+        if tangent.shape[1:] != primal.shape[1:] or tangent.shape[0] > primal.shape[0]:
+            raise ValueError(
+                f"a Dual's tangent covers leading rows of its primal: got primal {tuple(primal.shape)}, tangent {tuple(tangent.shape)}"
+            )
+        self.primal, self.tangent = primal, tangent
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.primal.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.primal.ndim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.primal.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.primal.device
+
+    @property
+    def rows(self) -> int:
+        """n, the number of leading rows that carry a tangent."""
+        return self.tangent.shape[0]
+
+    def head(self) -> Tensor:
+        """The primal's first n rows, detached: (n, ...)."""
+        return self.primal[: self.rows].detach()
+
+    def __repr__(self) -> str:
+        return f"Dual(primal={tuple(self.primal.shape)}, tangent rows={self.rows}, dtype={self.dtype})"
+
+    # Arithmetic -----------------------------------------------------------------------------
+    def __add__(self, other: Operand) -> "Dual":
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Operand) -> "Dual":
+        return add(self, other, alpha=-1.0)
+
+    def __rsub__(self, other: Operand) -> "Dual":
+        return add(other, self, alpha=-1.0)
+
+    def __neg__(self) -> "Dual":
+        return Dual(-self.primal, -self.tangent)
+
+    def __mul__(self, other: Operand) -> "Dual":
+        return mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Tensor | float) -> "Dual":
+        if isinstance(other, Dual):
+            raise TypeError("division by a Dual is not supported")
+        return mul(self, 1.0 / other)
+
+    # Shape ops: applied alike to primal and tangent, the batch dimension untouched ------------
+    def __getitem__(self, index) -> "Dual":
+        index = index if isinstance(index, tuple) else (index,)
+        if not index or index[0] != slice(None):
+            raise IndexError(f"indexing a Dual must keep the batch dimension whole (start with ':'), got {index}")
+        return self.map(lambda x: x[index])
+
+    def reshape(self, *shape: int) -> "Dual":
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        if shape[0] != self.shape[0]:
+            raise ValueError(f"reshaping a Dual must keep the batch dimension {self.shape[0]} first, got {shape}")
+        return Dual(self.primal.reshape(shape), self.tangent.reshape(self.rows, *shape[1:]))
+
+    def permute(self, *dims: int) -> "Dual":
+        if dims[0] % self.ndim != 0:
+            raise ValueError(f"permuting a Dual must keep the batch dimension first, got {dims}")
+        return self.map(lambda x: x.permute(*dims))
+
+    def transpose(self, dim0: int, dim1: int) -> "Dual":
+        self._check_not_batch(dim0, dim1)
+        return self.map(lambda x: x.transpose(dim0, dim1))
+
+    def flatten(self, start_dim: int = 1, end_dim: int = -1) -> "Dual":
+        self._check_not_batch(start_dim)
+        return self.map(lambda x: x.flatten(start_dim, end_dim))
+
+    def chunk(self, chunks: int, dim: int) -> tuple["Dual", ...]:
+        self._check_not_batch(dim)
+        return tuple(Dual(p, t) for p, t in zip(self.primal.chunk(chunks, dim), self.tangent.chunk(chunks, dim)))
+
+    def unbind(self, dim: int) -> tuple["Dual", ...]:
+        self._check_not_batch(dim)
+        return tuple(Dual(p, t) for p, t in zip(self.primal.unbind(dim), self.tangent.unbind(dim)))
+
+    def to(self, *args, **kwargs) -> "Dual":
+        return self.map(lambda x: x.to(*args, **kwargs))
+
+    def contiguous(self) -> "Dual":
+        return self.map(Tensor.contiguous)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Dual":
+        """Apply a linear, row-wise op (a view, a pooling, a cast) to primal and tangent alike."""
+        return Dual(fn(self.primal), fn(self.tangent))
+
+    def _check_not_batch(self, *dims: int) -> None:
+        if any(d % self.ndim == 0 for d in dims):
+            raise ValueError(f"this op would act on a Dual's batch dimension (dims {dims}); keep dimension 0 as the batch")
+
+
+Operand = Tensor | Dual | float
+
+
+def primal(x: Tensor | Dual) -> Tensor:
+    """The primal value of a Dual, or x itself."""
+    return x.primal if isinstance(x, Dual) else x
+
+
+def _rows(x: Tensor | float, n: int, ndim: int) -> Tensor | float:
+    """The part of a plain operand that meets the first n rows of a batch-first result of ``ndim`` dims.
+
+    An operand with fewer dimensions, or a leading size of 1, broadcasts over the batch and is
+    used whole; one with the result's rank is per sample, and its first n rows are used.
+    """
+    if not isinstance(x, Tensor):
+        return x
+    if x.ndim > ndim:
+        raise ValueError(f"a plain operand of rank {x.ndim} would move a Dual's batch dimension (rank {ndim})")
+    return x[:n].detach() if x.ndim == ndim and x.shape[0] != 1 else x.detach()
+
+
+def _check_operands(out: Tensor, *operands: Operand) -> int:
+    """Rows n shared by the Dual operands; raises if broadcasting would shift their batch dimension."""
+    duals = [a for a in operands if isinstance(a, Dual)]
+    if any(a.ndim != out.ndim for a in duals):
+        raise ValueError(f"broadcasting a Dual of rank {min(a.ndim for a in duals)} against rank {out.ndim} would move its batch dimension")
+    rows = {a.rows for a in duals}
+    if len(rows) != 1:
+        raise ValueError(f"Dual operands carry tangents for different numbers of rows: {sorted(rows)}")
+    return rows.pop()
+
+
+def add(a: Operand, b: Operand, alpha: float = 1.0) -> Dual:
+    """a + alpha * b where a or b is a Dual."""
+    out = primal(a) + alpha * primal(b) if alpha != 1.0 else primal(a) + primal(b)
+    n = _check_operands(out, a, b)
+    with torch.no_grad():
+        da = a.tangent if isinstance(a, Dual) else None
+        db = b.tangent if isinstance(b, Dual) else None
+        if db is None:
+            tangent = da
+        elif da is None:
+            tangent = alpha * db
+        else:
+            tangent = da + alpha * db
+        tangent = tangent.expand(n, *out.shape[1:])
+    return Dual(out, tangent)
+
+
+def mul(a: Operand, b: Operand) -> Dual:
+    """a * b where a or b is a Dual: tangent da b + a db."""
+    out = primal(a) * primal(b)
+    n = _check_operands(out, a, b)
+    with torch.no_grad():
+        terms = [x.tangent * _rows(primal(y), n, out.ndim) for x, y in ((a, b), (b, a)) if isinstance(x, Dual)]
+        tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        tangent = tangent.expand(n, *out.shape[1:])
+    return Dual(out, tangent)
+
+
+def addcmul(c: Operand, a: Operand, b: Operand) -> Tensor | Dual:
+    """c + a * b in one kernel (``torch.addcmul``); tangent dc + da b + a db in at most two."""
+    if not any(isinstance(x, Dual) for x in (c, a, b)):
+        return torch.addcmul(c, a, b)
+    out = torch.addcmul(primal(c), primal(a), primal(b))
+    n = _check_operands(out, c, a, b)
+    with torch.no_grad():
+        shape = (n, *out.shape[1:])
+        tangent = c.tangent.expand(shape) if isinstance(c, Dual) else None
+        for x, y in ((a, b), (b, a)):
+            if isinstance(x, Dual):
+                y = _rows(primal(y), n, out.ndim)
+                tangent = torch.addcmul(tangent, x.tangent, y) if tangent is not None else (x.tangent * y).expand(shape)
+    return Dual(out, tangent)
+
+
+def cat(items: Sequence[Tensor | Dual], dim: int) -> Tensor | Dual:
+    """torch.cat along a non-batch dimension; plain members get a zero tangent."""
+    if not any(isinstance(x, Dual) for x in items):
+        return torch.cat(list(items), dim)
+    out = torch.cat([primal(x) for x in items], dim)
+    n = _check_operands(out, *items)
+    if dim % out.ndim == 0:
+        raise ValueError("concatenating Duals along the batch dimension is not supported")
+    with torch.no_grad():
+        tangents = [x.tangent if isinstance(x, Dual) else x.new_zeros(n, *x.shape[1:]) for x in items]
+        return Dual(out, torch.cat(tangents, dim))
+
+
+# Layers' functional forms -------------------------------------------------------------------
+def linear(x: Tensor | Dual, weight: Tensor, bias: Tensor | None = None) -> Tensor | Dual:
+    """F.linear; tangent W dx."""
+    if not isinstance(x, Dual):
+        return F.linear(x, weight, bias)
+    with torch.no_grad():
+        tangent = F.linear(x.tangent, weight)
+    return Dual(F.linear(x.primal, weight, bias), tangent)
+
+
+def conv2d(x: Tensor | Dual, weight: Tensor, bias: Tensor | None = None, **options) -> Tensor | Dual:
+    """F.conv2d (options: stride, padding, dilation, groups); tangent W * dx."""
+    if not isinstance(x, Dual):
+        return F.conv2d(x, weight, bias, **options)
+    with torch.no_grad():
+        tangent = F.conv2d(x.tangent, weight, None, **options)
+    return Dual(F.conv2d(x.primal, weight, bias, **options), tangent)
+
+
+def _norm_input(x: Dual) -> Tensor:
+    """A normalisation's input as ``F.layer_norm`` / ``F.group_norm`` would see it: float32 under autocast."""
+    return x.primal.float() if torch.is_autocast_enabled(x.device.type) else x.primal
+
+
+def layer_norm(
+    x: Tensor | Dual, shape: Sequence[int], weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor | Dual:
+    """F.layer_norm over the trailing ``shape``; tangent via the (symmetric) normalisation Jacobian.
+
+    A Dual's primal goes through ``torch.native_layer_norm``, the kernel behind ``F.layer_norm``,
+    which also returns the per-row mean and 1 / std that the tangent needs.
+    """
+    if not isinstance(x, Dual):
+        return F.layer_norm(x, shape, weight, bias, eps)
+    inp = _norm_input(x)
+    out, mean, rstd = torch.native_layer_norm(inp, list(shape), weight, bias, eps)  # mean, rstd: (B, ..., 1, ...)
+    n = x.rows
+    with torch.no_grad():
+        tangent = torch.ops.aten.native_layer_norm_backward(
+            x.tangent.to(out.dtype), inp[:n], list(shape), mean[:n], rstd[:n], None, None, [True, False, False]
+        )[0]
+        tangent = tangent if weight is None else tangent * weight
+    return Dual(out, tangent)
+
+
+def group_norm(x: Tensor | Dual, groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor | Dual:
+    """F.group_norm of (B, C, ...) input; tangent via the (symmetric) normalisation Jacobian.
+
+    A Dual's primal goes through ``torch.native_group_norm``, the kernel behind ``F.group_norm``,
+    which also returns the per-group mean and 1 / std that the tangent needs.
+    """
+    if not isinstance(x, Dual):
+        return F.group_norm(x, groups, weight, bias, eps)
+    inp = _norm_input(x).contiguous()
+    batch, channels = inp.shape[:2]
+    spatial = inp[0, 0].numel()
+    out, mean, rstd = torch.native_group_norm(inp, weight, bias, batch, channels, spatial, groups, eps)  # mean, rstd: (B, groups)
+    n = x.rows
+    with torch.no_grad():
+        tangent = torch.ops.aten.native_group_norm_backward(
+            x.tangent.to(out.dtype).contiguous(), inp[:n], mean[:n], rstd[:n], None, n, channels, spatial, groups, [True, False, False]
+        )[0]
+        if weight is not None:
+            tangent = tangent * weight.reshape(channels, *([1] * (inp.ndim - 2)))
+    return Dual(out, tangent)
+
+
+def gelu(x: Tensor | Dual, approximate: str = "none") -> Tensor | Dual:
+    """F.gelu; tangent gelu'(x) dx."""
+    if not isinstance(x, Dual):
+        return F.gelu(x, approximate=approximate)
+    with torch.no_grad():
+        tangent = torch.ops.aten.gelu_backward(x.tangent, x.head(), approximate=approximate)
+    return Dual(F.gelu(x.primal, approximate=approximate), tangent)
+
+
+def silu(x: Tensor | Dual) -> Tensor | Dual:
+    """F.silu; tangent silu'(x) dx."""
+    if not isinstance(x, Dual):
+        return F.silu(x)
+    with torch.no_grad():
+        tangent = torch.ops.aten.silu_backward(x.tangent, x.head())
+    return Dual(F.silu(x.primal), tangent)
+
+
+def dropout(x: Tensor | Dual, p: float, training: bool) -> Tensor | Dual:
+    """F.dropout; a Dual's tangent rows get the same mask as their primal rows."""
+    if not isinstance(x, Dual):
+        return F.dropout(x, p, training)
+    if not training or p == 0.0:
+        return x
+    with torch.no_grad():
+        keep = torch.empty_like(x.primal).bernoulli_(1.0 - p).div_(1.0 - p)
+    return Dual(x.primal * keep, x.tangent * keep[: x.rows])
+
+
+# Drop-in layers -------------------------------------------------------------------------------
+class Linear(nn.Linear):
+    """``nn.Linear`` that also takes a :class:`Dual`."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (zero padding) that also takes a :class:`Dual`."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that also takes a :class:`Dual`."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes a :class:`Dual`."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` that also takes a :class:`Dual`."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return gelu(x, self.approximate)
+
+
+class SiLU(nn.SiLU):
+    """``nn.SiLU`` that also takes a :class:`Dual`."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return silu(x)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that also takes a :class:`Dual` (one mask for primal and tangent)."""
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return dropout(x, self.p, self.training)
+
+
+def supports_dual(model: nn.Module) -> bool:
+    """Whether ``model(Dual z, r, Dual t, labels)`` returns a Dual (our model families do)."""
+    return bool(getattr(getattr(model, "module", model), "supports_dual", False))
