@@ -8,8 +8,11 @@ one data batch are built, and these train steps (loss, backward, Adam step) run 
 a warmup, so machine load hits every variant alike:
 
 * ``fm``: Flow Matching (``FlowMatchingLoss``), the reference;
-* ``mf25`` / ``mf75``: our MeanFlow step with 25% / 75% of the batch at r != t;
-* ``mf_full``: the same loss with the JVP over the whole batch (``jvp="full"``, 25% r != t);
+* ``mf25`` / ``mf75``: our MeanFlow step with 25% / 75% of the batch at r != t (``jvp="auto"``:
+  one forward pass on Dual values for our models);
+* ``mf25_fwad``: the same loss with forward-mode AD on the r != t rows (``jvp="forward_ad"``, the
+  path for models without Dual support);
+* ``mf_full``: the same loss with forward-mode AD over the whole batch (``jvp="full"``, 25% r != t);
 * ``public``: the public-implementation baseline written below (:class:`PublicReferenceLoss`,
   25% r != t): u with gradient from a forward pass, the JVP again in a separate no-grad call.
 
@@ -388,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (du/dt checked first)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on --device cpu: 1, robust to shared cores)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")

@@ -70,6 +70,7 @@ class ObjectiveConfig:
     t_start: float = 0.0
     t_end: float = 1.0
     label_drop: float = 0.1
+    jvp: str = "auto"  # how du/dt is computed: auto, dual, forward_ad, full (same result; see MeanFlowLoss)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Config:
 CHOICES = {
     "objective.kind": ("meanflow", "flow_matching"),
     "objective.time_sampler": ("uniform", "lognorm", "cifar_v1"),
+    "objective.jvp": ("auto", "dual", "forward_ad", "full"),
     "train.optimizer": ("adam", "adamw"),
     "train.precision": ("fp32", "bf16"),
 }
