@@ -69,7 +69,7 @@ class Case:
 
 
 PRESETS = {
-    "cpu": (Case("dit-tiny/2", 4, 16, 32, 10), Case("unet-tiny", 3, 16, 32)),
+    "cpu": (Case("dit-tiny/2", 4, 16, 64, 10), Case("unet-tiny", 3, 16, 64)),
     "gpu": (Case("dit-b/4", 4, 32, 256, 1000), Case("unet-cifar10", 3, 32, 128)),
 }
 # --check: ratios to the Flow Matching step on the first (DiT) case.

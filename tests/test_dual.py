@@ -142,6 +142,34 @@ def test_models_propagate_duals_exactly(name):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_under_bf16_autocast_keep_the_plain_primal(name):
+    """Under autocast the primal follows autocast's dtype policy exactly; the tangent agrees to bf16 precision."""
+    model = build(name).float()
+    shape = (MODELS[name]["dim"],) if name == "mlp" else (3, 8, 8)
+    z, v = rand(B, *shape, seed=1).float(), rand(B, *shape, seed=2).float()
+    r, t, labels = torch.full((B,), 0.2), torch.full((B,), 0.7), torch.tensor([0, 4, 2, 1, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(Dual(z, v[:N]), r, Dual(t, torch.ones(N)), labels)
+        plain = model(z, r, t, labels)
+    _, ref = torch.func.jvp(lambda z_, t_: model(z_, r[:N], t_, labels[:N]), (z[:N], t[:N]), (v[:N], torch.ones(N)))
+    assert out.primal.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out.primal, plain, rtol=0, atol=0)
+    assert (out.tangent.float() - ref).abs().max() < 3e-2 * ref.abs().max()
+
+
+def test_compiled_model_takes_the_dual_path():
+    """torch.compile traces through Dual values: same loss and gradients as the eager model."""
+    model = build("mlp").float()
+    compiled = torch.compile(model)
+    x = rand(16, 3, seed=5).float()
+    grads = []
+    for net in (model, compiled):
+        loss, _ = MeanFlowLoss(ratio=0.5, jvp="dual")(net, x, generator=torch.Generator().manual_seed(0))
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["dit-tiny/2", "unet-tiny"])
 def test_loss_is_the_same_for_every_jvp_mode(name):
     """dual (one pass), forward_ad (subset) and full (reference) agree in loss, target and gradients, with guidance."""

@@ -254,51 +254,64 @@ def conv2d(x: Tensor | Dual, weight: Tensor, bias: Tensor | None = None, **optio
     return Dual(F.conv2d(x.primal, weight, bias, **options), tangent)
 
 
-def _norm_input(x: Dual) -> Tensor:
-    """A normalisation's input as ``F.layer_norm`` / ``F.group_norm`` would see it: float32 under autocast."""
-    return x.primal.float() if torch.is_autocast_enabled(x.device.type) else x.primal
+def _normalise(x: Dual, plain: Callable[[Tensor], Tensor], native: Callable[..., tuple]) -> tuple[Tensor, ...]:
+    """A normalisation's output (B, ...) and, for the first n rows, the input, mean and 1 / std of its tangent.
+
+    ``plain(a)`` is the functional op, ``native(a, affine)`` the kernel behind it, which also
+    returns mean and 1 / std. The primal goes through ``native`` with the affine parameters (the
+    same kernel as ``plain``, statistics for free); under autocast, whose dtype policy the kernel
+    call would bypass, through ``plain``, and the n rows' statistics come from ``native`` again.
+    """
+    n = x.rows
+    if torch.is_autocast_enabled(x.device.type):
+        out = plain(x.primal)
+        with torch.no_grad():
+            head = x.head().to(out.dtype)
+            _, mean, rstd = native(head, False)
+        return out, head, mean, rstd
+    out, mean, rstd = native(x.primal, True)
+    return out, x.head(), mean[:n].detach(), rstd[:n].detach()
 
 
 def layer_norm(
     x: Tensor | Dual, shape: Sequence[int], weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
 ) -> Tensor | Dual:
-    """F.layer_norm over the trailing ``shape``; tangent via the (symmetric) normalisation Jacobian.
-
-    A Dual's primal goes through ``torch.native_layer_norm``, the kernel behind ``F.layer_norm``,
-    which also returns the per-row mean and 1 / std that the tangent needs.
-    """
+    """F.layer_norm over the trailing ``shape``; tangent via the (symmetric) normalisation Jacobian."""
     if not isinstance(x, Dual):
         return F.layer_norm(x, shape, weight, bias, eps)
-    inp = _norm_input(x)
-    out, mean, rstd = torch.native_layer_norm(inp, list(shape), weight, bias, eps)  # mean, rstd: (B, ..., 1, ...)
-    n = x.rows
+    shape = list(shape)
+    out, head, mean, rstd = _normalise(
+        x,
+        lambda a: F.layer_norm(a, shape, weight, bias, eps),
+        lambda a, affine: torch.native_layer_norm(a, shape, *((weight, bias) if affine else (None, None)), eps),
+    )
     with torch.no_grad():
         tangent = torch.ops.aten.native_layer_norm_backward(
-            x.tangent.to(out.dtype), inp[:n], list(shape), mean[:n], rstd[:n], None, None, [True, False, False]
+            x.tangent.to(out.dtype), head, shape, mean, rstd, None, None, [True, False, False]
         )[0]
         tangent = tangent if weight is None else tangent * weight
     return Dual(out, tangent)
 
 
 def group_norm(x: Tensor | Dual, groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor | Dual:
-    """F.group_norm of (B, C, ...) input; tangent via the (symmetric) normalisation Jacobian.
-
-    A Dual's primal goes through ``torch.native_group_norm``, the kernel behind ``F.group_norm``,
-    which also returns the per-group mean and 1 / std that the tangent needs.
-    """
+    """F.group_norm of (B, C, ...) input; tangent via the (symmetric) normalisation Jacobian."""
     if not isinstance(x, Dual):
         return F.group_norm(x, groups, weight, bias, eps)
-    inp = _norm_input(x).contiguous()
-    batch, channels = inp.shape[:2]
-    spatial = inp[0, 0].numel()
-    out, mean, rstd = torch.native_group_norm(inp, weight, bias, batch, channels, spatial, groups, eps)  # mean, rstd: (B, groups)
+    channels, spatial = x.shape[1], x.primal[0, 0].numel()
+    out, head, mean, rstd = _normalise(
+        x.contiguous(),
+        lambda a: F.group_norm(a, groups, weight, bias, eps),
+        lambda a, affine: torch.native_group_norm(
+            a, *((weight, bias) if affine else (None, None)), a.shape[0], channels, spatial, groups, eps
+        ),
+    )
     n = x.rows
     with torch.no_grad():
         tangent = torch.ops.aten.native_group_norm_backward(
-            x.tangent.to(out.dtype).contiguous(), inp[:n], mean[:n], rstd[:n], None, n, channels, spatial, groups, [True, False, False]
+            x.tangent.to(out.dtype).contiguous(), head, mean, rstd, None, n, channels, spatial, groups, [True, False, False]
         )[0]
         if weight is not None:
-            tangent = tangent * weight.reshape(channels, *([1] * (inp.ndim - 2)))
+            tangent = tangent * weight.reshape(channels, *([1] * (x.ndim - 2)))
     return Dual(out, tangent)
 
 
