@@ -4,8 +4,8 @@
     python benchmarks/bench_step.py --device cuda --preset gpu --json bench_gpu.json [--amp bf16] [--compile]
 
 For every case (model preset, input shape, batch, attention backend) one model, one optimizer and
-one data batch are built, and these train steps (loss, backward, Adam step) run round-robin after
-a warmup, so machine load hits every variant alike:
+one data batch are built, and these train steps (loss, backward, Adam step) run in rounds, each
+round in a fresh random order, after a warmup, so machine load hits every variant alike:
 
 * ``fm``: Flow Matching (``FlowMatchingLoss``), the reference;
 * ``mf25`` / ``mf75``: our MeanFlow step with 25% / 75% of the batch at r != t (``jvp="auto"``:
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -162,13 +163,17 @@ def step_fns(names, model, compiled, optimizer, x, labels, device: str, amp: str
 
 
 def interleave(steps: dict[str, Step], warmup: int, repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of every step, run round-robin (start rotated each round) after ``warmup`` rounds."""
+    """Seconds per call of every step, each round in a fresh random order (seeded), after ``warmup`` rounds.
+
+    Shuffling keeps what one variant leaves behind (allocator state, caches) from always landing
+    on the same next variant.
+    """
     for i in range(warmup):
         for step in steps.values():
             step(i)
     names, times = list(steps), {name: [] for name in steps}
     for i in range(repeats):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in random.Random(i).sample(names, len(names)):
             synchronize(device)
             start = time.perf_counter()
             steps[name](warmup + i)

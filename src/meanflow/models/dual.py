@@ -169,13 +169,16 @@ def _rows(x: Tensor | float, n: int, ndim: int) -> Tensor | float:
 
 def _check_operands(out: Tensor, *operands: Operand) -> int:
     """Rows n shared by the Dual operands; raises if broadcasting would shift their batch dimension."""
-    duals = [a for a in operands if isinstance(a, Dual)]
-    if any(a.ndim != out.ndim for a in duals):
-        raise ValueError(f"broadcasting a Dual of rank {min(a.ndim for a in duals)} against rank {out.ndim} would move its batch dimension")
-    rows = {a.rows for a in duals}
-    if len(rows) != 1:
-        raise ValueError(f"Dual operands carry tangents for different numbers of rows: {sorted(rows)}")
-    return rows.pop()
+    n = None
+    for a in operands:
+        if not isinstance(a, Dual):
+            continue
+        if a.primal.ndim != out.ndim:
+            raise ValueError(f"broadcasting a Dual of rank {a.primal.ndim} against rank {out.ndim} would move its batch dimension")
+        if n is not None and a.rows != n:
+            raise ValueError(f"Dual operands carry tangents for different numbers of rows: {n} and {a.rows}")
+        n = a.rows
+    return n
 
 
 def add(a: Operand, b: Operand, alpha: float = 1.0) -> Dual:
@@ -212,14 +215,20 @@ def addcmul(c: Operand, a: Operand, b: Operand) -> Tensor | Dual:
         return torch.addcmul(c, a, b)
     out = torch.addcmul(primal(c), primal(a), primal(b))
     n = _check_operands(out, c, a, b)
+    shape = (n, *out.shape[1:])
+    tangent, fresh = (c.tangent, False) if isinstance(c, Dual) else (None, False)
     with torch.no_grad():
-        shape = (n, *out.shape[1:])
-        tangent = c.tangent.expand(shape) if isinstance(c, Dual) else None
         for x, y in ((a, b), (b, a)):
-            if isinstance(x, Dual):
-                y = _rows(primal(y), n, out.ndim)
-                tangent = torch.addcmul(tangent, x.tangent, y) if tangent is not None else (x.tangent * y).expand(shape)
-    return Dual(out, tangent)
+            if not isinstance(x, Dual):
+                continue
+            y = _rows(primal(y), n, out.ndim)
+            if tangent is None:
+                tangent, fresh = x.tangent * y, True
+            elif fresh and tangent.shape == shape:  # a tensor of our own: accumulate in place
+                tangent.addcmul_(x.tangent, y)
+            else:
+                tangent, fresh = torch.addcmul(tangent, x.tangent, y), True
+    return Dual(out, tangent.expand(shape))
 
 
 def cat(items: Sequence[Tensor | Dual], dim: int) -> Tensor | Dual:
@@ -289,7 +298,7 @@ def layer_norm(
         tangent = torch.ops.aten.native_layer_norm_backward(
             x.tangent.to(out.dtype), head, shape, mean, rstd, None, None, [True, False, False]
         )[0]
-        tangent = tangent if weight is None else tangent * weight
+        tangent = tangent if weight is None else tangent.mul_(weight)
     return Dual(out, tangent)
 
 
@@ -311,7 +320,7 @@ def group_norm(x: Tensor | Dual, groups: int, weight: Tensor | None = None, bias
             x.tangent.to(out.dtype).contiguous(), head, mean, rstd, None, n, channels, spatial, groups, [True, False, False]
         )[0]
         if weight is not None:
-            tangent = tangent * weight.reshape(channels, *([1] * (x.ndim - 2)))
+            tangent.mul_(weight.reshape(channels, *([1] * (x.ndim - 2))))
     return Dual(out, tangent)
 
 
