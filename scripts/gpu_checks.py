@@ -1,7 +1,8 @@
 """GPU check of the attention backends under forward-mode AD (a script, not a pytest file).
 
 For a DiT-B/4 (4x32x32 latents, 1000 classes) and the CIFAR-10 U-Net it compares the output u
-and the MeanFlow JVP du/dt = jvp(u, (z, r, t), (v, 0, 1)) of every attention backend ("auto",
+and the MeanFlow JVP du/dt = jvp(u, (z, r, t), (v, 0, 1)), by forward-mode AD and through
+``Dual`` values (the training path, column "err dual"), of every attention backend ("auto",
 which picks jvp_flash when the jvp-flash-attention package is installed, "sdpa" and "math")
 against a float32 math-path reference with TF32 off, in three precisions: float32, bfloat16
 (weights and images in bf16, times r, t kept in float32) and bf16 autocast over float32
@@ -29,6 +30,7 @@ import torch
 
 import meanflow.models.attention as attn
 from meanflow.models import create
+from meanflow.models.dual import Dual
 
 LATENT = dict(in_channels=4, input_size=32, num_classes=1000)
 MODELS = {
@@ -87,6 +89,12 @@ def jvp(model: torch.nn.Module, z, v, r, t, labels, autocast: torch.dtype | None
         return torch.func.jvp(lambda *a: model(*a, labels), (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
 
+def dual_jvp(model: torch.nn.Module, z, v, r, t, labels, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """du/dt of every row through Dual values (the training path of our models), optionally under autocast."""
+    with torch.autocast("cuda", dtype=autocast) if autocast else nullcontext():
+        return model(Dual(z, v), r, Dual(t, torch.ones_like(t)), labels).tangent
+
+
 def train_step(model: torch.nn.Module, z, v, r, t, labels, autocast: torch.dtype | None = None, split: bool = False) -> None:
     """One MeanFlow-style step: jvp, target under stop-gradient (float32), squared error, backward.
 
@@ -132,7 +140,7 @@ def check_model(name: str, args, device, seen: Counter) -> bool:
     u_ref, dudt_ref = jvp(base, *inputs32)
     ok = True
     print(f"\n{name}: batch {args.batch}, |u|max {u_ref.abs().max():.3g}, |du/dt|max {dudt_ref.abs().max():.3g}")
-    print(f"{'precision':<10}{'backend':<10}{'chosen':<12}{'err u':>10}{'err du/dt':>11}{'step ms':>10}{'peak GiB':>10}  status")
+    print(f"{'precision':<10}{'backend':<10}{'chosen':<12}{'err u':>10}{'err du/dt':>11}{'err dual':>10}{'step ms':>10}{'peak GiB':>10}  status")
     for precision in args.precisions:
         dtype, autocast, floor = PRECISIONS[precision]
         model = copy.deepcopy(base).to(dtype)
@@ -144,16 +152,18 @@ def check_model(name: str, args, device, seen: Counter) -> bool:
             seen.clear()
             with torch.no_grad():
                 u, dudt = jvp(model, z, v, r, t, labels, autocast)
+                dudt_dual = dual_jvp(model, z, v, r, t, labels, autocast)
             chosen = "+".join(sorted(seen))
-            errors[backend] = (rel(u, u_ref), rel(dudt, dudt_ref))
-            limit = [max(2 * e, floor) for e in errors["math"]]
+            errors[backend] = (rel(u, u_ref), rel(dudt, dudt_ref), rel(dudt_dual, dudt_ref))
+            limit = [max(2 * e, floor) for e in errors["math"][:2]]
+            limit.append(limit[1])  # the Dual path answers to the same bar as forward-mode AD
             passed = all(e <= lim for e, lim in zip(errors[backend], limit))
             ok &= passed
             ms = median_ms(lambda: train_step(model, z, v, r, t, labels, autocast, args.split_jvp), args.steps)
             peak = torch.cuda.max_memory_allocated() / 2**30
             status = "ok" if passed else f"MISMATCH (limit {limit[0]:.1e}, {limit[1]:.1e})"
             print(
-                f"{precision:<10}{backend:<10}{chosen:<12}{errors[backend][0]:>10.2e}{errors[backend][1]:>11.2e}"
+                f"{precision:<10}{backend:<10}{chosen:<12}{errors[backend][0]:>10.2e}{errors[backend][1]:>11.2e}{errors[backend][2]:>10.2e}"
                 f"{ms:>10.1f}{peak:>10.1f}  {status}"
             )
         del model
