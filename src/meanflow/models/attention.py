@@ -193,12 +193,12 @@ def attention(
     if any(duals):
         if not all(duals) or len({q.rows, k.rows, v.rows}) != 1:
             raise ValueError("attention takes q, k, v all plain or all Duals over the same rows")
-        n, probs = q.rows, None
-        if resolve_backend(q.primal, k.primal, v.primal, backend) == "math":  # the primal's p serves the tangent
+        name, probs = resolve_backend(q.primal, k.primal, v.primal, backend), None
+        if name == "math":  # the primal's p serves the tangent
             out, probs = _math_attention_and_probs(q.primal, k.primal, v.primal)
-            probs = probs[:n].detach()
+            probs = probs[: q.rows].detach()
         else:
-            out = attention(q.primal, k.primal, v.primal, backend)
+            out = _KERNELS[name](q.primal, k.primal, v.primal)
         tangent = attention_tangent(q.head(), k.head(), v.head(), q.tangent, k.tangent, v.tangent, probs)
         return Dual(out, tangent.to(out.dtype))
     return _KERNELS[resolve_backend(q, k, v, backend)](q, k, v)

@@ -306,9 +306,10 @@ def group_norm(x: Tensor | Dual, groups: int, weight: Tensor | None = None, bias
     """F.group_norm of (B, C, ...) input; tangent via the (symmetric) normalisation Jacobian."""
     if not isinstance(x, Dual):
         return F.group_norm(x, groups, weight, bias, eps)
+    x = x.contiguous()
     channels, spatial = x.shape[1], x.primal[0, 0].numel()
     out, head, mean, rstd = _normalise(
-        x.contiguous(),
+        x,
         lambda a: F.group_norm(a, groups, weight, bias, eps),
         lambda a, affine: torch.native_group_norm(
             a, *((weight, bias) if affine else (None, None)), a.shape[0], channels, spatial, groups, eps
@@ -317,7 +318,7 @@ def group_norm(x: Tensor | Dual, groups: int, weight: Tensor | None = None, bias
     n = x.rows
     with torch.no_grad():
         tangent = torch.ops.aten.native_group_norm_backward(
-            x.tangent.to(out.dtype).contiguous(), head, mean, rstd, None, n, channels, spatial, groups, [True, False, False]
+            x.tangent.to(out.dtype), head, mean, rstd, None, n, channels, spatial, groups, [True, False, False]
         )[0]
         if weight is not None:
             tangent.mul_(weight.reshape(channels, *([1] * (x.ndim - 2))))

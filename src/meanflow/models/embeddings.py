@@ -34,8 +34,9 @@ def sinusoidal_embedding(t: torch.Tensor | Dual, dim: int, max_period: float = 1
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     freqs = scale * torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)  # (half,)
-    out_dtype = t.dtype if dual.primal(t).is_floating_point() else dtype
-    args = dual.primal(t).to(dtype)[:, None] * freqs[None]  # (B, half)
+    times = dual.primal(t)  # (B,)
+    out_dtype = times.dtype if times.is_floating_point() else dtype
+    args = times.to(dtype)[:, None] * freqs[None]  # (B, half)
     cos, sin = torch.cos(args), torch.sin(args)
     emb = _pad_odd(torch.cat([cos, sin], dim=-1), dim).to(out_dtype)  # (B, dim)
     if not isinstance(t, Dual):

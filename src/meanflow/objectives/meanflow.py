@@ -254,35 +254,31 @@ class MeanFlowLoss:
         """
         mf, fm = draws.jvp_index, draws.fm_index
         order, n = torch.cat([mf, fm]), mf.numel()
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        t, r = draws.t[order], draws.r[order]
-        out = model(Dual(z[order], v[mf].to(z.dtype)), r, Dual(t, torch.ones_like(t[:n])), _take(labels, order))
+        z, v, r, t = z[order], v[order], draws.r[order], draws.t[order]
+        out = model(Dual(z, v[:n].to(z.dtype)), r, Dual(t, torch.ones_like(t[:n])), _take(labels, order))
         if not isinstance(out, Dual):
             raise TypeError(f"{type(model).__name__} claims supports_dual but returned {type(out).__name__} for Dual inputs")
+        dtype = _target_dtype(z)
         u, dudt = out.primal.to(dtype), out.tangent.to(dtype)  # (B, ...), (n, ...)
-        v = v[order].to(dtype)
-        h = _expand((t[:n] - r[:n]).clamp(0, 1), dudt).to(dtype)  # (n, 1, ...)
-        target = torch.cat([v[:n] - h * dudt, v[n:]])  # (B, ...)
+        target = torch.cat([_mean_flow_target(v[:n], r[:n], t[:n], dudt), v[n:].to(dtype)])  # (B, ...)
         dudt = torch.cat([dudt, dudt.new_zeros(len(fm), *dudt.shape[1:])])  # (B, ...)
-        inverse = _inverse(order)
-        return u.index_select(0, inverse), target.index_select(0, inverse), dudt.index_select(0, inverse)
+        return _to_batch_order(order, u, target, dudt)
 
     def _subset_forward(self, model, z, draws: Draws, v, labels):
         """JVP on the r != t part first, then a forward on the r = t part. Returns u, target, dudt (B, ...)."""
         fm, mf = draws.fm_index, draws.jvp_index
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         us, targets, dudts = [], [], []
         if mf.numel():
             for out, part in zip((us, targets, dudts), self.jvp_target(model, z[mf], draws.r[mf], draws.t[mf], v[mf], _take(labels, mf))):
                 out.append(part)
         if fm.numel():
+            dtype = _target_dtype(z)
             us.append(model(z[fm], draws.t[fm], draws.t[fm], _take(labels, fm)).to(dtype))
             targets.append(v[fm].to(dtype))
             dudts.append(torch.zeros_like(targets[-1]))
         if not (mf.numel() and fm.numel()):
             return us[0], targets[0], dudts[0]
-        inverse = _inverse(torch.cat([mf, fm]))
-        return tuple(torch.cat(parts).index_select(0, inverse) for parts in (us, targets, dudts))
+        return _to_batch_order(torch.cat([mf, fm]), *(torch.cat(parts) for parts in (us, targets, dudts)))
 
     def jvp_target(self, model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels=None):
         """u (with gradient), u_tgt = v - (t - r) du/dt (no gradient) and du/dt, all (n, ...).
@@ -291,11 +287,9 @@ class MeanFlowLoss:
         (r gets no tangent). Target math runs in float32 (or float64 when the inputs are float64).
         """
         u, dudt = _jvp(model, z, r, t, v.to(z.dtype), labels)
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        dtype = _target_dtype(z)
         u, dudt = u.to(dtype), dudt.to(dtype)
-        h = _expand((t - r).clamp(0, 1), u).to(dtype)
-        target = (v.to(dtype) - h * dudt).detach()
-        return u, target, dudt
+        return u, _mean_flow_target(v, r, t, dudt), dudt
 
     def _reduce(self, out: "Targets") -> tuple[torch.Tensor, Stats]:
         """Adaptive-weighted loss and diagnostics from per-sample squared errors."""
@@ -409,6 +403,23 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 def _has_tangent(x: torch.Tensor | None) -> bool:
     return x is not None and fwAD.unpack_dual(x).tangent is not None
+
+
+def _target_dtype(z: torch.Tensor) -> torch.dtype:
+    """Precision of the target math: float64 for float64 inputs, else float32."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _mean_flow_target(v: torch.Tensor, r: torch.Tensor, t: torch.Tensor, dudt: torch.Tensor) -> torch.Tensor:
+    """u_tgt = v - (t - r) du/dt in du/dt's dtype, without gradient. v, dudt: (n, ...); r, t: (n,)."""
+    h = _expand((t - r).clamp(0, 1), dudt).to(dudt.dtype)  # (n, 1, ...)
+    return (v.to(dudt.dtype) - h * dudt).detach()
+
+
+def _to_batch_order(order: torch.Tensor, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors whose rows follow ``order`` (r != t rows first), put back in the batch's order."""
+    inverse = _inverse(order)
+    return tuple(part.index_select(0, inverse) for part in parts)
 
 
 def _num_classes(model) -> int:
