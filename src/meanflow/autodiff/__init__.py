@@ -1,0 +1,2 @@
+"""Autodiff infrastructure (bottom floor): how du/dt, the derivative of a network along a tangent,
+is computed for a subset of the batch's rows. Knows nothing of objectives, data or training."""
