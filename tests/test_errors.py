@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from meanflow.cli import main
-from meanflow.training import checkpoint as ckpt
+from meanflow.runtime import checkpoint as ckpt
 
 TINY = ["model.kwargs={width: 16, depth: 1}", "data.num_samples=256", "data.holdout=64", "train.batch_size=32",
         "train.steps=2", "train.checkpoint_every=2", "eval.num_samples=64"]
@@ -160,7 +160,7 @@ def test_bad_input_is_named(name, tmp_path, capsys):
 
 
 def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    import meanflow.training.checkpoint as C
+    import meanflow.runtime.checkpoint as C
 
     root = tmp_path / "checkpoints"
     C.save_checkpoint(root, 1, {"meta.json": {"step": 1}}, keep=3)

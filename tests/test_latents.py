@@ -234,8 +234,8 @@ def test_unreachable_hub_vae_says_how_to_pass_a_local_copy(setup, tmp_path):
 
 def test_train_on_the_cache_then_decode_samples(setup, tmp_path):
     """End to end: a few MeanFlow steps of dit-tiny/2 on the latents, then 1-NFE samples decoded to images."""
-    from meanflow.metrics.evaluate import generate
-    from meanflow.training.inference import load_model
+    from meanflow.sampling import generate
+    from meanflow.models.loading import load_model
     from meanflow.training.trainer import train
 
     root, files, vae, cache = setup

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from meanflow.config import load_config
 from meanflow.data import load_dataset
 from meanflow.data.base import TensorDataset
-from meanflow.training import checkpoint as ckpt
+from meanflow.runtime import checkpoint as ckpt
 from meanflow.training.trainer import TrainingDiverged, train
 
 from conftest import free_port
@@ -126,7 +126,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tiny_toy_overrides):
 def _dist_worker(rank: int, world: int, port: int, out: str, overrides: list[str], broken: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from meanflow.training import distributed as D
+    from meanflow.runtime import distributed as D
     from meanflow.training import trainer
 
     original_check = D.check_in_sync

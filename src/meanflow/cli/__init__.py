@@ -1,9 +1,12 @@
-"""Command-line interface: ``meanflow <command> ...`` (also ``python -m meanflow``)."""
+"""CLI floor (top): ``meanflow <command> ...`` (also ``python -m meanflow``); parses flags and calls the
+floors below, holding no logic of its own beyond argument checks and printing."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from ..config import ConfigError
 
 # Each module defines ``register(subparsers)``, adding a sub-command whose ``func(args)`` runs it.
 COMMANDS = ("train", "sample", "evaluate", "models_cmd", "fid_stats", "encode")
@@ -19,8 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..config import ConfigError
-
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ..data.latents import DEFAULT_SHARD_SIZE, DEFAULT_VAE, encode_folder
+
 
 def register(sub) -> None:
     """Add the ``encode`` sub-command."""
-    from ..data.latents import DEFAULT_SHARD_SIZE, DEFAULT_VAE
-
     p = sub.add_parser("encode", help="encode an image folder into a VAE latent cache", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="image folder: one sub-folder of images per class")
     p.add_argument("--out", required=True, help="cache folder to create (new or empty), e.g. data/imagenet256-latents")
@@ -31,8 +33,6 @@ def register(sub) -> None:
 
 def resolve_device(name: str):
     """``auto`` -> cuda when available else cpu; anything else as torch.device."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -42,8 +42,6 @@ def resolve_device(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.latents import encode_folder
-
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     meta = encode_folder(

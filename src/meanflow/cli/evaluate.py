@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from ..evaluation import evaluate_run
+from ..runtime.distributed import process_rank
 
 
 def register(sub) -> None:
@@ -27,13 +29,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics.evaluate import evaluate_run
-
     metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
                            ema=not args.raw, device=args.device, method=args.method, fid_stats=args.fid_stats,
                            inception_weights=args.inception_weights, batch_size=args.batch_size,
                            save_samples=args.save_samples)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_rank() != 0:
         return 0
     text = json.dumps(metrics, indent=2)
     print(text)

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images import IMAGE_SUFFIXES, load_digits, load_torchvision
+from ..data.points import read_array_file
+from ..metrics import DigitsClassifier, InceptionFeatures, image_statistics, images_to_nchw, save_stats
+
 DATASET_SOURCES = ("digits", "cifar10")
 _NPZ_KEYS = ("arr_0", "samples", "images", "x")
 
@@ -40,8 +44,6 @@ def _folder_batches(root: Path, mode: str, batch_size: int, limit: int | None) -
     """uint8 batches (B, H, W, C) of the image files under ``root`` (recursive, sorted), PIL ``mode``."""
     from PIL import Image
 
-    from ..data.images import IMAGE_SUFFIXES
-
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(root)!r}")
@@ -61,9 +63,6 @@ def _folder_batches(root: Path, mode: str, batch_size: int, limit: int | None) -
 
 def _npz_images(path: Path, limit: int | None) -> torch.Tensor:
     """uint8 images (N, C, H, W) from a .npz (first of ``_NPZ_KEYS`` present) or .npy file."""
-    from ..data.points import read_array_file
-    from ..metrics import images_to_nchw
-
     array, _ = read_array_file(path, _NPZ_KEYS)
     if array.dtype != np.uint8:
         raise ValueError(f"{str(path)!r}: images must be uint8 (0..255), got {array.dtype}")
@@ -72,8 +71,6 @@ def _npz_images(path: Path, limit: int | None) -> torch.Tensor:
 
 def _dataset_images(args: argparse.Namespace) -> torch.Tensor:
     """uint8 images (N, C, H, W) of a named data set."""
-    from ..data.images import load_digits, load_torchvision
-
     if args.source == "digits":
         return load_digits(args.image_size).x[: args.num]
     try:
@@ -96,8 +93,6 @@ def image_source(args: argparse.Namespace, mode: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import DigitsClassifier, InceptionFeatures, image_statistics, save_stats
-
     if args.feature == "inception":
         extractor, mode = InceptionFeatures(args.weights, device=args.device, batch_size=args.batch_size), "RGB"
     else:

@@ -7,6 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images import save_grid, to_uint8
+from ..data.points import save_points_plot
+from ..models.loading import load_model
+from ..sampling import decode_samples, generate
+
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a trained model", description=__doc__)
@@ -27,9 +32,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics.evaluate import decode_samples, generate
-    from ..training.inference import load_model
-
     out = Path(args.out)
     if out.suffix not in (".npz", ".png"):
         raise ValueError(f"--out must end in .npz or .png, got {out.name!r}")
@@ -67,16 +69,10 @@ def _write(out: Path, samples: torch.Tensor, labels, data: dict) -> None:
             arrays["labels"] = labels.numpy()
         np.savez(out, **arrays)
     elif is_image:
-        from ..data.images import save_grid
-
         save_grid(samples, out)
     else:
-        from ..data.points import save_points_plot
-
         save_points_plot(samples.numpy(), out, title=f"{len(samples)} samples")
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    from ..data.images import to_uint8
-
     return np.asarray(to_uint8(images))

@@ -8,6 +8,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..config import load_config
+from ..evaluation import evaluate_run
+from ..runtime.distributed import DistInfo, process_rank
+from ..training.trainer import train
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a MeanFlow / Flow Matching model", description=__doc__)
@@ -21,9 +26,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..training.trainer import train
-
     if args.resume:
         out = Path(args.resume)
         source = out / "config.yaml"
@@ -37,16 +39,13 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     train(cfg, out, resume=bool(args.resume))
-    if not args.no_eval and _is_main():
+    if not args.no_eval and process_rank() == 0:
         finish_run(out)
     return 0
 
 
 def finish_run(out: Path) -> None:
     """Write ``metrics.json`` and a 1-NFE preview next to the data; print the metrics."""
-    from ..metrics.evaluate import evaluate_run
-    from ..training.distributed import DistInfo
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preview = out / "samples_1nfe.png"
     metrics = evaluate_run(out, info=DistInfo(device=device), preview=preview)
@@ -54,8 +53,3 @@ def finish_run(out: Path) -> None:
     print(json.dumps(metrics["results"], indent=2))
     print(f"run directory: {out}  (preview: {preview}, metrics: {out / 'metrics.json'})")
 
-
-def _is_main() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0

@@ -1,8 +1,5 @@
-"""Data sources behind one interface: ``load_dataset(cfg, seed) -> (train, reference)``.
-
-``train`` and ``reference`` follow the :class:`~meanflow.data.base.Dataset` protocol; ``reference``
-is held-out data for metrics (or None). See docs/DATA.md for every source and its config keys.
-"""
+"""Data floor (beside models, objectives, metrics): every source behind ``load_dataset(cfg, seed) ->
+(train, reference)`` (:class:`~meanflow.data.base.Dataset`; reference = held-out data or None; docs/DATA.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +10,7 @@ import torch
 from ..config import DataConfig
 from .base import KINDS, Dataset, TensorDataset
 from .images import load_digits, load_image_folder, load_npz_images, load_torchvision, random_flip, save_grid, to_uint8
+from .latents import load_latent_dataset
 from .points import load_points, save_points_plot
 from .toy import TOY_DATASETS, sample_toy
 
@@ -94,8 +92,6 @@ def _load_torchvision(cfg: DataConfig, seed: int, root: str) -> tuple[TensorData
 
 
 def _load_latents(cfg: DataConfig, seed: int, root: str) -> tuple[Dataset, None]:
-    from .latents import load_latent_dataset
-
     return load_latent_dataset(_require_path(cfg), seed, cfg.image_size, cfg.flip), None
 
 

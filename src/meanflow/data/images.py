@@ -10,6 +10,7 @@ one sub-folder per class, a .npz array, and CIFAR-10 / MNIST through torchvision
 """
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TensorDataset
+from .points import check_labels, read_array_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_DEFAULT_SIZE = 16
@@ -176,8 +178,6 @@ def load_npz_images(path: str | Path, image_size: int | None = None) -> TensorDa
     """uint8 images from a .npz file: key ``x``, ``images`` or ``arr_0`` (else the first array; a .npy
     file is the array itself), NHWC, NCHW or NHW (grayscale); optional integer labels under ``labels``
     or ``y``. Resized bilinearly when ``image_size`` is given."""
-    from .points import check_labels, read_array_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} does not exist")
@@ -235,8 +235,6 @@ def load_torchvision(name: str, root: str | Path, train: bool, download: bool, i
 
 
 def _optional_import(module: str, package: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:

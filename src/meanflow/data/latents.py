@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .images import _list_image_files, _open_image
 
@@ -223,8 +224,6 @@ def _shard_done(out: Path, shard: dict[str, Any]) -> bool:
 def _encode_shards(model, files, labels, pending: list[int], meta, out: Path, batch_size: int, shard_size: int,
                    device: torch.device, num_workers: int, progress: bool) -> None:
     """Encode the shards listed in ``pending`` in order; a shard is written as soon as it is full."""
-    from tqdm.auto import tqdm
-
     spans = {k: (k * shard_size, k * shard_size + meta["shards"][k]["count"]) for k in pending}  # [start, end) per shard
     batches = [list(range(i, min(i + batch_size, end))) for start, end in spans.values() for i in range(start, end, batch_size)]
     loader = torch.utils.data.DataLoader(_ImageFiles(files, meta["image_size"]), batch_sampler=batches, num_workers=num_workers,

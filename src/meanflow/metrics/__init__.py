@@ -1,8 +1,5 @@
-"""Sample-quality metrics: Frechet distances (FID and its digits-classifier analogue), Inception Score,
-k-NN precision / recall, and point-cloud distances. See docs/EVALUATION.md for the FID conventions.
-
-Heavy dependencies (torch-fidelity for Inception, scikit-learn for digits) load only when used.
-"""
+"""Pure metrics floor (beside models, data, objectives): Frechet distances, Inception Score, precision /
+recall, point-cloud distances, as functions of features or samples. Orchestration: meanflow.evaluation."""
 from .digits_classifier import DigitsClassifier, digits_frechet
 from .frechet import RunningStatistics, feature_statistics, frechet_distance, load_stats, save_stats
 from .image_metrics import (

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.images import load_digits
 from .frechet import feature_statistics, frechet_distance
 from .image_metrics import ImageBatch, images_to_nchw
 
@@ -62,8 +65,6 @@ def digits_split(size: int = 16, holdout: float = 0.2, seed: int = 0) -> tuple[t
     """scikit-learn digits through the data pipeline (:func:`meanflow.data.load_digits`), split by a
     seeded permutation. Returns (x_train, y_train, x_test, y_test): x float (n, 1, size, size) in
     [-1, 1], y int64 (n,)."""
-    from ..data.images import load_digits
-
     data = load_digits(size)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     num_test = int(round(holdout * len(data)))
@@ -135,14 +136,10 @@ class DigitsClassifier:
     @classmethod
     def load_or_train(cls, size: int = 16, seed: int = 0, cache_dir: str | Path | None = None) -> DigitsClassifier:
         """The cached classifier for these settings, training (a few seconds) and caching it if absent."""
-        from safetensors.torch import load_file, save_file
-
         settings = cls.default_settings(size, seed)
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(cache_dir or default_cache_dir()) / f"digits_classifier_{key}.safetensors"
         if path.is_file():
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as handle:
                 accuracy = float(handle.metadata()["heldout_accuracy"])
             net = _DigitsNet(settings["width"], settings["feature_dim"])

@@ -1,6 +1,8 @@
-"""Model families. Every model is ``model(z, r, t, labels=None) -> u`` with r, t of shape (B,)."""
+"""Models floor (beside data, objectives, metrics): network families ``model(z, r, t, labels=None) -> u``
+with r, t of shape (B,), their preset registry, and building / loading a model from a run."""
 from . import mlp  # noqa: F401  (registers presets)
 from . import dit, unet  # noqa: F401
+from .loading import build_model, load_model, model_spec
 from .registry import available, create, register
 
-__all__ = ["available", "create", "register"]
+__all__ = ["available", "build_model", "create", "load_model", "model_spec", "register"]

@@ -22,13 +22,15 @@ from torch import nn
 from ..config import Config, ConfigError, save_config
 from ..data import load_dataset, random_flip
 from ..data.base import Dataset
+from ..evaluation.preview import save_preview
+from ..models.loading import build_model, model_spec
 from ..objectives import Shard
-from . import checkpoint as ckpt
-from . import distributed as D
-from .builders import build_loss, build_model, build_optimizer, learning_rate, model_spec
+from ..runtime import checkpoint as ckpt
+from ..runtime import distributed as D
+from ..runtime.seeding import GlobalBatchOrder, derive_seed, step_generator
+from .builders import build_loss, build_optimizer, learning_rate
 from .ema import EMA
 from .logging import RunLogger
-from .seeding import GlobalBatchOrder, derive_seed, step_generator
 
 
 class TrainingDiverged(RuntimeError):
@@ -225,8 +227,6 @@ def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
 
 def _write_samples(model: nn.Module, ema: EMA, data: Dataset, cfg: Config, stem: Path, device) -> None:
     """Sample grids (images) or scatter plots (points) from the EMA weights at 1 and 2 NFE."""
-    from ..metrics.evaluate import save_preview
-
     net = ema_model(model, ema)
     for steps in (1, 2):
         save_preview(net, data, stem.parent / f"{stem.name}_nfe{steps}.png", steps=steps, seed=cfg.seed, device=device)

@@ -34,10 +34,15 @@ class DistInfo:
         return self.world_size > 1
 
 
+def process_rank() -> int:
+    """This process's global rank as torchrun announces it (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1) and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..data.base import Dataset
 from ..data.images import to_uint8
-from ..sampling import nfe
-from ..training.distributed import DistInfo, gather_objects
-from .digits_classifier import DigitsClassifier
-from .frechet import feature_statistics, frechet_distance, load_stats
-from .image_metrics import inception_score
+from ..metrics.digits_classifier import DigitsClassifier
+from ..metrics.frechet import feature_statistics, frechet_distance, load_stats
+from ..metrics.image_metrics import inception_score
+from ..metrics.inception import InceptionFeatures
+from ..runtime.distributed import DistInfo, gather_objects
+from ..sampling import decode_samples, iterate_samples, nfe
 
 
 def evaluate_images(
@@ -37,8 +39,6 @@ def evaluate_images(
     if data["name"] == "digits":
         extractors["digits"] = DigitsClassifier.load_or_train()
     if fid_stats:
-        from .inception import InceptionFeatures
-
         extractors["inception"] = InceptionFeatures(weights_path=inception_weights, device=info.device)
     if not extractors:
         raise ValueError("no image metric applies: pass --fid-stats REF.npz (FID / IS), or evaluate a digits run")
@@ -62,8 +62,6 @@ def _features(model, data: dict, extractors: dict, method: str, steps: int, num:
               info: DistInfo, keep: bool = False) -> dict[str, Any]:
     """{extractor: {"pool": (N, D), "logits": (N, K), "labels": (N,) or None}} over all processes,
     plus "images": ((N, H, W, C) uint8, labels) when ``keep``."""
-    from .evaluate import decode_samples, iterate_samples
-
     local = []
     for i, samples, labels in iterate_samples(model, num, tuple(data["sample_shape"]), steps, method,
                                               num_classes=data["num_classes"], seed=seed, batch_size=batch_size,
@@ -85,8 +83,6 @@ def _features(model, data: dict, extractors: dict, method: str, steps: int, num:
 
 
 def _save(path: str, images_and_labels) -> None:
-    import numpy as np
-
     images, labels = images_and_labels
     arrays = {"samples": images.numpy()}
     if labels is not None:

@@ -1,0 +1,89 @@
+"""Score a trained run: sample its checkpoint and compare with its held-out reference data.
+
+Used at the end of training (``metrics.json``) and by ``meanflow eval``.
+Sampler names: ``meanflow`` (k-NFE average-velocity jumps) and ``euler`` / ``heun`` (ODE on u(z, t, t)).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import load_config
+from ..data import load_dataset
+from ..metrics.pointcloud import energy_distance, sliced_wasserstein
+from ..models.loading import load_model
+from ..runtime import checkpoint as ckpt
+from ..runtime import distributed as D
+from ..sampling import generate, nfe
+from .images import evaluate_images
+from .preview import save_preview
+
+
+def sampler_plan(objective: str, eval_steps: list[int], ode_steps: int) -> list[tuple[str, int]]:
+    """(method, steps) pairs to score: MeanFlow at each k, plus the ODE baseline at 1..ode_steps NFE."""
+    if objective == "flow_matching":
+        return [("euler", k) for k in sorted(set(eval_steps) | {ode_steps})]
+    return [("meanflow", k) for k in eval_steps] + [("euler", ode_steps)]
+
+
+def evaluate_points(
+    model: nn.Module, reference: torch.Tensor, plan: list[tuple[str, int]], num: int, seed: int,
+    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Sliced W2 and energy distance of samples from each sampler vs held-out points (N, D).
+
+    ``train_points`` (optional) gives the noise floor: the same metrics between training data and the
+    reference at equal sample count.
+    """
+    ref = reference[:num].double()
+    results: dict[str, Any] = {}
+
+    def score(x: torch.Tensor) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(seed)
+        return {"sliced_w2": sliced_wasserstein(x.double(), ref, generator=gen), "energy_distance": energy_distance(x.double(), ref)}
+
+    for method, steps in plan:
+        samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, device=device)
+        results[f"{method}_{steps}nfe"] = {"method": method, "nfe": nfe(steps, method), **score(samples)}
+    if train_points is not None:
+        results["data_floor"] = {"method": "training data", "nfe": 0, **score(train_points[: ref.shape[0]])}
+    return results
+
+
+def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
+                 ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
+                 fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
+                 info=None, save_samples: str | None = None, preview: Path | None = None) -> dict[str, Any]:
+    """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
+
+    Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
+    Images: class accuracy and Frechet distance in the digits classifier's feature space (digits
+    data), and FID / Inception Score against ``fid_stats`` when given (see docs/EVALUATION.md).
+    ``info`` (a DistInfo) defaults to the torchrun environment: every process samples its share.
+    ``preview``: also write a 1-NFE preview PNG there (see :func:`save_preview`), from the same model.
+    """
+    info = info or D.setup(str(device))
+    directory = ckpt.resolve_checkpoint(run)
+    model, meta = load_model(directory, ema=ema, device=info.device)
+    cfg = load_config(str(directory / "config.yaml"))
+    steps = steps or cfg.eval.steps
+    num = num or cfg.eval.num_samples
+    seed = cfg.seed + 1 if seed is None else seed
+    train_set, reference = load_dataset(cfg.data, cfg.seed)
+    if preview is not None and info.is_main:
+        save_preview(model, train_set, preview, steps=1, seed=cfg.seed, device=info.device)
+    plan = [(method, k) for k in steps] if method else sampler_plan(cfg.objective.kind, steps, cfg.eval.baseline_ode_steps)
+    header = {"checkpoint": str(directory), "step": meta.get("step"), "weights": "ema" if ema else "raw", "objective": cfg.objective.kind,
+              "data": cfg.data.name, "num_samples": num, "seed": seed}
+    if train_set.kind == "points":
+        if reference is None:
+            raise ValueError("this data set has no held-out reference points to compare with")
+        ref, _ = reference.get(torch.arange(min(num, len(reference))))
+        floor, _ = train_set.get(torch.arange(min(num, len(train_set))))
+        return {**header, "results": evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor)}
+    options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size,
+                   save_samples=save_samples)
+    return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}

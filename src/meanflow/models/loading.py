@@ -1,0 +1,68 @@
+"""Build a model from its recorded spec, size a preset from the data, load a trained model from a run.
+
+The spec ``{"name", "kwargs"}`` is what a checkpoint's ``meta.json`` records under ``"model"``
+(file layout: :mod:`meanflow.runtime.checkpoint`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+from ..runtime import checkpoint as ckpt
+from .registry import available, create
+
+
+def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """Constructor arguments a model preset takes from the data: (dim,) or (in_channels, input_size)."""
+    if name.lower().startswith("mlp"):
+        if len(sample_shape) != 1:
+            raise ConfigError(f"model {name!r} takes vectors of shape (N, D) but the data samples have shape {sample_shape}; use an image model (dit-*, unet-*)")
+        return {"dim": sample_shape[0], "num_classes": num_classes}
+    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+        raise ConfigError(f"model {name!r} takes square images (C, H, H) but the data samples have shape {sample_shape}")
+    return {"in_channels": sample_shape[0], "input_size": sample_shape[1], "num_classes": num_classes}
+
+
+def model_spec(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """Resolved ``{"name", "kwargs"}``: the user's kwargs plus data-derived ones; conflicts are errors."""
+    if cfg.name.lower() not in available():
+        raise ConfigError(f"model.name {cfg.name!r} is not a model preset; available: {', '.join(available())}")
+    derived = data_kwargs(cfg.name, sample_shape, num_classes)
+    for key, value in derived.items():
+        if key in cfg.kwargs and cfg.kwargs[key] != value:
+            what = "number of classes" if key == "num_classes" else "shape"
+            raise ConfigError(
+                f"model.kwargs.{key}={cfg.kwargs[key]!r} does not fit the data ({what}: {key}={value!r}, data samples "
+                f"of shape {sample_shape}); remove the key to size the model from the data"
+            )
+    return {"name": cfg.name.lower(), "kwargs": {**cfg.kwargs, **derived}}
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """A freshly initialised model from a spec ``{"name", "kwargs"}``."""
+    try:
+        return create(spec["name"], **spec["kwargs"])
+    except TypeError as err:
+        raise ConfigError(f"invalid model.kwargs for {spec['name']!r}: {err}") from err
+
+
+def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(eval-mode model, checkpoint meta) from a run dir, checkpoint dir or ``*.safetensors`` file.
+
+    ``ema=True`` loads ``ema.safetensors`` (the field's convention for reported numbers); a
+    ``*.safetensors`` path loads exactly that file.
+    """
+    path = Path(path)
+    directory = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_meta(directory)
+    weights_file = path if path.suffix == ".safetensors" else directory / ("ema.safetensors" if ema else "model.safetensors")
+    model = build_model(meta["model"])
+    try:
+        model.load_state_dict(ckpt.read_weights(weights_file))
+    except RuntimeError as err:
+        raise RuntimeError(f"weights in {weights_file} do not match the model recorded in {directory}/meta.json: {err}") from err
+    return model.to(device).eval(), meta

@@ -1,0 +1,133 @@
+"""The floors of the package, checked by parsing every module's imports (no import is executed).
+
+Bottom to top: config + autodiff + runtime; models, data, objectives, metrics; sampling;
+evaluation; training; cli. A module may import from its own floor or below, never above; the
+module import graph has no cycle; imports inside functions are only for optional heavy packages.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SRC = Path(importlib.util.find_spec("meanflow").origin).parent  # located, not imported
+FLOORS = (
+    ("config", "autodiff", "runtime"),
+    ("models", "data", "objectives", "metrics"),
+    ("sampling",),
+    ("evaluation",),
+    ("training",),
+    ("cli", "__main__"),
+)
+# third-party packages that are optional extras or slow to import: the only ones imported lazily
+DEFERRED_OK = ("PIL", "matplotlib", "torchvision", "sklearn", "scipy", "diffusers", "torch_fidelity",
+               "torch.utils.tensorboard", "jvp_flash_attention")
+
+
+def module_name(path: Path) -> str:
+    parts = ["meanflow", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """Absolute names of the meanflow modules an import statement loads (submodules where named)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "meanflow"]
+    if node.level:
+        base = importer.split(".") if is_package(importer) else importer.split(".")[:-1]
+        base = base[: len(base) - node.level + 1]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "meanflow":
+        return []
+    subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+    return subs if subs and len(subs) == len(node.names) else [target, *subs]
+
+
+def floor(name: str) -> int:
+    top = name.split(".")[1]
+    for level, packages in enumerate(FLOORS):
+        if top in packages:
+            return level
+    raise AssertionError(f"module {name} belongs to no floor; add its package to FLOORS and docs/ARCHITECTURE.md")
+
+
+def imports(name: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(module-level meanflow imports, function-level imports of any package) as (line, module name)."""
+    tree = ast.parse(MODULES[name].read_text())
+    top, nested = [], []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        at_top = node in tree.body
+        if at_top:
+            top += [(node.lineno, t) for t in resolve(name, node)]
+        else:
+            third_party = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            nested += [(node.lineno, t) for t in resolve(name, node) or third_party]
+    return top, nested
+
+
+LIBRARY = [m for m in MODULES if m != "meanflow"]  # the top-level package is the public facade
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_no_import_from_a_higher_floor(name):
+    top, _ = imports(name)
+    upward = [f"line {line}: {target} (floor {floor(target)})" for line, target in top
+              if target != "meanflow" and floor(target) > floor(name)]
+    assert not upward, f"{name} (floor {floor(name)}) imports from above: {upward}"
+    assert "meanflow" not in [t for _, t in top], f"{name} imports the top-level facade `meanflow`; import the module itself"
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_function_level_imports_only_defer_optional_heavy_packages(name):
+    _, nested = imports(name)
+    bad = [f"line {line}: {target}" for line, target in nested
+           if not any(target == ok or target.startswith(ok + ".") for ok in DEFERRED_OK)]
+    assert not bad, f"{name} imports inside a function what belongs at the top of the module: {bad}"
+
+
+def test_module_import_graph_has_no_cycle():
+    graph = {name: sorted({t for _, t in imports(name)[0]} - {name}) for name in MODULES}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in MODULES:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_checker_sees_relative_imports_and_flags_an_upward_one(tmp_path):
+    """The parser must resolve ``from ..x import y`` to meanflow.x.y, or the checks above prove nothing."""
+    node = ast.parse("from ..training.trainer import train\nfrom . import checkpoint\n").body
+    assert resolve("meanflow.runtime.seeding", node[0]) == ["meanflow.training.trainer"]
+    assert resolve("meanflow.runtime", node[1]) == ["meanflow.runtime.checkpoint"]
+    assert floor("meanflow.training.trainer") > floor("meanflow.runtime.seeding")
+
+
+def test_every_package_says_what_its_floor_is_for():
+    for name, path in MODULES.items():
+        if is_package(name) and name != "meanflow":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            assert doc.strip(), f"{path} has no docstring saying what the floor {name} is for"
+            assert len(doc.strip().splitlines()) <= 2, f"{path}: say what the floor is for in two lines"
