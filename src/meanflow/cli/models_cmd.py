@@ -14,7 +14,7 @@ import torch
 from ..models import available, create
 
 # preset-name prefix -> default (input_size, channels, num_classes)
-FAMILY_DEFAULTS = {"dit-": (32, 4, 1000), "unet-": (32, 3, 0)}
+FAMILY_DEFAULTS = {"dit-": (32, 4, 1000), "imf-": (32, 4, 1000), "unet-": (32, 3, 0)}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -179,9 +179,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor | Dual) -> torch.Tensor | Dual:
         """(B, N, p * p * C) tokens -> (B, C, H, W) image."""
-        (gh, gw), p, c = self.grid, self.patch, self.in_channels
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)  # (B, gh, gw, p, p, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, gh * p, gw * p)  # (B, C, H, W)
+        return unpatchify(x, self.grid, self.patch, self.in_channels)
 
     def forward(
         self, z: torch.Tensor | Dual, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None
@@ -193,6 +191,13 @@ class DiT(nn.Module):
             x = block(x, c)  # (B, N, D)
         x = self.final(x, c)  # (B, N, p * p * C)
         return self.unpatchify(x)  # (B, C, H, W)
+
+
+def unpatchify(x: torch.Tensor | Dual, grid: tuple[int, int], patch: int, channels: int) -> torch.Tensor | Dual:
+    """(B, gh * gw, p * p * C) tokens, row-major, each a (p, p, C) patch -> (B, C, gh * p, gw * p) image."""
+    (gh, gw), p, c = grid, patch, channels
+    x = x.reshape(x.shape[0], gh, gw, p, p, c)  # (B, gh, gw, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, gh * p, gw * p)  # (B, C, H, W)
 
 
 def check_image(z: torch.Tensor | Dual, channels: int, size: tuple[int, int], family: str) -> None:

@@ -9,7 +9,10 @@ Flow Matching step is one tangent pass over n rows. Each op's tangent rule is wr
 
     linear, conv            W dx                     (no bias term, no zero weight tangent)
     LayerNorm, GroupNorm    rstd (dx - mean(dx) - x_hat mean(x_hat dx)), then the affine scale
+    RMSNorm                 s (dx - x_hat mean(x_hat dx)), s = 1 / rms(x), then the scale
     GELU, SiLU              f'(x) dx
+    SwiGLU silu(a) b        silu'(a) da b + silu(a) db
+    rotary embedding        the same rotation of dx (the map is linear)
     softmax (attention)     p (ds - sum(p ds))
     a * b, a + b            da b + a db, da + db
 
@@ -354,6 +357,54 @@ def dropout(x: Tensor | Dual, p: float, training: bool) -> Tensor | Dual:
     return Dual(x.primal * keep, x.tangent * keep[: x.rows])
 
 
+def rms_norm(x: Tensor | Dual, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor | Dual:
+    """x / sqrt(mean(x^2) + eps) over the last dimension, times ``weight``; the plain formula of the
+    iMF code (forward-mode AD goes through it too).
+
+    Tangent: with s = 1 / sqrt(mean(x^2) + eps) and x_hat = s x, d(s x) = s (dx - x_hat mean(x_hat dx)),
+    then the weight. The Jacobian before the weight is symmetric, like LayerNorm's.
+    """
+    def plain(a: Tensor) -> Tensor:
+        out = a * torch.rsqrt(a.square().mean(-1, keepdim=True) + eps)
+        return out if weight is None else out * weight
+
+    if not isinstance(x, Dual):
+        return plain(x)
+    with torch.no_grad():
+        head = x.head()  # (n, ..., D)
+        scale = torch.rsqrt(head.square().mean(-1, keepdim=True) + eps)  # (n, ..., 1)
+        x_hat = head * scale
+        tangent = (x.tangent - x_hat * (x_hat * x.tangent).mean(-1, keepdim=True)).mul_(scale)
+        tangent = tangent if weight is None else tangent.mul_(weight)
+    return Dual(plain(x.primal), tangent)
+
+
+def rotary(x: Tensor | Dual, cos: Tensor, sin: Tensor) -> Tensor | Dual:
+    """Rotary position embedding of adjacent channel pairs (x[2i], x[2i + 1]) by the angles of each token.
+
+    x: (B, N, heads, d); cos, sin: (N, d / 2). Pair i of token n becomes
+    (a cos - b sin, a sin + b cos). The map is linear in x, so the tangent is the same rotation of dx.
+    """
+    def rotate(a: Tensor) -> Tensor:
+        pairs = a.unflatten(-1, (-1, 2))  # (B, N, heads, d/2, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]
+        c, s = cos[:, None], sin[:, None]  # (N, 1, d/2)
+        return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2)  # (B, N, heads, d)
+
+    if not isinstance(x, Dual):
+        return rotate(x)
+    with torch.no_grad():
+        tangent = rotate(x.tangent)
+    return Dual(rotate(x.primal), tangent)
+
+
+def swiglu(gate: Tensor | Dual, value: Tensor | Dual) -> Tensor | Dual:
+    """silu(gate) * value (the SwiGLU MLP's gating); tangent silu'(gate) d gate * value + silu(gate) d value."""
+    if not isinstance(gate, Dual) and not isinstance(value, Dual):
+        return F.silu(gate) * value
+    return mul(silu(gate), value)
+
+
 # Drop-in layers -------------------------------------------------------------------------------
 class Linear(nn.Linear):
     """``nn.Linear`` that also takes a :class:`Dual`."""
@@ -395,6 +446,18 @@ class SiLU(nn.SiLU):
 
     def forward(self, x: Tensor | Dual) -> Tensor | Dual:
         return silu(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learned per-channel scale (initialised to 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor | Dual) -> Tensor | Dual:
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Dropout(nn.Dropout):
