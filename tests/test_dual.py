@@ -1,4 +1,4 @@
-"""Row-subset dual numbers (``meanflow.models.dual``) against an independent reference.
+"""Row-subset dual numbers (``meanflow.autodiff.dual``) against an independent reference.
 
 Every tangent is compared, in float64, with ``torch.func.jvp`` (PyTorch's forward-mode AD) of
 the plain function restricted to the first n rows; every primal with the plain function itself.
@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from meanflow import MeanFlowLoss
+from meanflow.autodiff import dual
+from meanflow.autodiff.dual import Dual
 from meanflow.models import attention as attn
-from meanflow.models import create, dual
-from meanflow.models.dual import Dual
+from meanflow.models import create
 from meanflow.models.embeddings import sinusoidal_embedding
 
 B, N = 5, 3  # batch, rows with a tangent

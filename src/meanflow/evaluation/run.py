@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import objectives
 from ..config import load_config
 from ..data import load_dataset
 from ..metrics.pointcloud import energy_distance, sliced_wasserstein
@@ -23,8 +24,11 @@ from .preview import save_preview
 
 
 def sampler_plan(objective: str, eval_steps: list[int], ode_steps: int) -> list[tuple[str, int]]:
-    """(method, steps) pairs to score: MeanFlow at each k, plus the ODE baseline at 1..ode_steps NFE."""
-    if objective == "flow_matching":
+    """(method, steps) pairs to score: the few-step sampler at each k, plus the ODE baseline at ode_steps NFE.
+
+    Models of an objective without a few-step rule (Flow Matching) are scored as ODEs only.
+    """
+    if not objectives.get(objective).few_step:
         return [("euler", k) for k in sorted(set(eval_steps) | {ode_steps})]
     return [("meanflow", k) for k in eval_steps] + [("euler", ode_steps)]
 

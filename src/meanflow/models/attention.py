@@ -15,7 +15,7 @@ kernels have no forward-mode derivative; three backends do:
   the output and its tangent in one fused pass (CUDA; float16, bfloat16, float32; head
   dimension 16, 32, 64 or 128; sequence length even and >= 32).
 
-With :class:`meanflow.models.dual.Dual` inputs (our models' MeanFlow training path) the primal
+With :class:`meanflow.autodiff.dual.Dual` inputs (our models' MeanFlow training path) the primal
 goes through the chosen backend, so flash attention and its backward serve the whole batch,
 and the tangent of the r != t rows is computed beside it by :func:`attention_tangent`.
 
@@ -34,7 +34,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from .dual import Dual
+from ..autodiff.dual import Dual
 
 BACKENDS = ("auto", "math", "sdpa", "jvp_flash")
 ENV_VAR = "MEANFLOW_ATTENTION"

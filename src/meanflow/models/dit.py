@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dual
+from ..autodiff import dual
 from .attention import attention
-from .dual import Dual
+from ..autodiff.dual import Dual
 from .embeddings import MeanFlowConditioning
 from .registry import register
 
@@ -123,7 +123,7 @@ class DiT(nn.Module):
         dropout: dropout inside the MLPs (0 in the paper).
         attention_backend: see :mod:`meanflow.models.attention`; None follows $MEANFLOW_ATTENTION.
 
-    z and t may be :class:`meanflow.models.dual.Dual` values (the MeanFlow JVP rides along the forward).
+    z and t may be :class:`meanflow.autodiff.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
 
     supports_dual = True

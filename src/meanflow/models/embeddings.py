@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from . import dual
-from .dual import Dual
+from ..autodiff import dual
+from ..autodiff.dual import Dual
 
 
 def sinusoidal_embedding(t: torch.Tensor | Dual, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor | Dual:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dual
-from .dual import Dual
+from ..autodiff import dual
+from ..autodiff.dual import Dual
 from .embeddings import MeanFlowConditioning
 from .registry import register
 
@@ -27,7 +27,7 @@ class ResidualBlock(nn.Module):
 class MLP(nn.Module):
     """u(z, r, t, labels): (B, dim) -> (B, dim), conditioned on emb_t(t) + emb_h(t - r).
 
-    z and t may be :class:`meanflow.models.dual.Dual` values (the MeanFlow JVP rides along the forward).
+    z and t may be :class:`meanflow.autodiff.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
 
     supports_dual = True

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dual
+from ..autodiff import dual
 from .attention import attention
 from .dit import check_image
-from .dual import Dual
+from ..autodiff.dual import Dual
 from .embeddings import MeanFlowConditioning
 from .registry import register
 
@@ -142,7 +142,7 @@ class UNet(nn.Module):
         emb_mult: conditioning width is emb_mult * model_channels.
         attention_backend: see :mod:`meanflow.models.attention`; None follows $MEANFLOW_ATTENTION.
 
-    z and t may be :class:`meanflow.models.dual.Dual` values (the MeanFlow JVP rides along the forward).
+    z and t may be :class:`meanflow.autodiff.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
 
     supports_dual = True

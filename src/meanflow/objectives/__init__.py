@@ -1,10 +1,14 @@
-"""Objectives floor (beside models, data, metrics): the MeanFlow loss, Flow Matching as its r = t case,
-path and time samplers; losses are callables over (model, batch) and know nothing of training."""
-from .meanflow import Draws, FlowMatchingLoss, MeanFlowLoss, Shard, Targets
+"""Objectives floor (beside models, data, metrics): plug-ins registered by name (``flow_matching``,
+``meanflow``), the per-batch draws, path and time samplers; losses know nothing of training."""
+from .base import OBJECTIVES, Objective, Targets, available, create, get, register
+from .draws import BatchRandom, Draws, Shard, draw_batch
+from .flow_matching import FlowMatchingLoss
+from .meanflow import MeanFlowLoss
 from .path import conditional_velocity, interpolate
 from .time_samplers import TIME_SAMPLERS, TimeSampler, jvp_count, jvp_mask
 
 __all__ = [
-    "Draws", "FlowMatchingLoss", "MeanFlowLoss", "Shard", "Targets", "TIME_SAMPLERS", "TimeSampler",
-    "conditional_velocity", "interpolate", "jvp_count", "jvp_mask",
+    "BatchRandom", "Draws", "FlowMatchingLoss", "MeanFlowLoss", "OBJECTIVES", "Objective", "Shard", "TIME_SAMPLERS",
+    "Targets", "TimeSampler", "available", "conditional_velocity", "create", "draw_batch", "get", "interpolate",
+    "jvp_count", "jvp_mask", "register",
 ]

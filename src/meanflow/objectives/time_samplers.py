@@ -1,7 +1,7 @@
 """Samplers of the time pair (r, t) with 0 <= r <= t <= 1.
 
 Every sampler is a pure function of standard-normal draws, so the caller owns the randomness
-(see :class:`meanflow.objectives.meanflow.MeanFlowLoss`):
+(see :mod:`meanflow.objectives.draws`):
 
 * ``uniform``: two U(0, 1) values, t = max, r = min.
 * ``lognorm``: two logit-normal values sigmoid(N(mu, sigma)), t = max, r = min (paper default,
@@ -10,7 +10,8 @@ Every sampler is a pure function of standard-normal draws, so the caller owns th
   r = min(r, t) (defaults mu = -0.6, sigma = 1.6, r_mu = -4.0, r_sigma = 1.6).
 
 Which samples keep r != t is decided separately by :func:`jvp_mask` (a fixed count per batch);
-for the others r is set to t.
+for the others r is set to t. The objectives' options for the samplers are declared here, once
+(:class:`TimeOptions`, :class:`PairTimeOptions`).
 """
 from __future__ import annotations
 
@@ -18,24 +19,27 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import Option
+
 TIME_SAMPLERS = ("uniform", "lognorm", "cifar_v1")
 
 
 @dataclass(frozen=True)
 class TimeSampler:
-    """Configuration of the (r, t) distribution; see the module docstring."""
+    """Configuration of the (r, t) distribution; see the module docstring.
 
-    kind: str = "lognorm"
-    mu: float = -0.4
-    sigma: float = 1.0
-    r_mu: float = -4.0
-    r_sigma: float = 1.6
+    r_mu, r_sigma: the r distribution of ``cifar_v1``; None for objectives that use t only.
+    """
+
+    kind: str
+    mu: float
+    sigma: float
+    r_mu: float | None = None
+    r_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TIME_SAMPLERS:
             raise ValueError(f"time sampler kind must be one of {TIME_SAMPLERS}, got {self.kind!r}")
-        if self.sigma <= 0 or self.r_sigma <= 0:
-            raise ValueError(f"time sampler sigmas must be > 0, got sigma={self.sigma}, r_sigma={self.r_sigma}")
 
     def __call__(self, n1: torch.Tensor, n2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map two (B,) standard-normal draws to (r, t), each (B,), with r <= t."""
@@ -47,6 +51,8 @@ class TimeSampler:
             b = torch.sigmoid(self.mu + self.sigma * n2)
             return torch.minimum(a, b), torch.maximum(a, b)
         t = torch.sigmoid(self.mu + self.sigma * n1)
+        if self.r_mu is None or self.r_sigma is None:
+            return t, t
         r = torch.sigmoid(self.r_mu + self.r_sigma * n2)
         return torch.minimum(r, t), t
 
@@ -71,3 +77,24 @@ def jvp_mask(ratio: float, offset: int, size: int, total: int) -> list[bool]:
     """
     n = jvp_count(ratio, total)
     return [((g + 1) * n) // total > (g * n) // total for g in range(offset, offset + size)]
+
+
+class TimeOptions:
+    """Options of the time sampler that an objective reads t from (mixin of objectives)."""
+
+    time_sampler = Option("lognorm", choices=TIME_SAMPLERS, doc="time sampler of (r, t): lognorm, uniform or cifar_v1")
+    mu = Option(-0.4, doc="mean of the logit-normal time sampler")
+    sigma = Option(1.0, above=0.0, doc="standard deviation of the logit-normal time sampler")
+
+    def times(self) -> TimeSampler:
+        return TimeSampler(self.time_sampler, self.mu, self.sigma)
+
+
+class PairTimeOptions(TimeOptions):
+    """Time-sampler options of objectives that also read r (the r distribution of ``cifar_v1``)."""
+
+    r_mu = Option(-4.0, doc="mean of r's logit-normal in the cifar_v1 sampler")
+    r_sigma = Option(1.6, above=0.0, doc="standard deviation of r's logit-normal in the cifar_v1 sampler")
+
+    def times(self) -> TimeSampler:
+        return TimeSampler(self.time_sampler, self.mu, self.sigma, self.r_mu, self.r_sigma)

@@ -4,15 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import objectives
 from ..config import ObjectiveConfig, TrainConfig
-from ..objectives import FlowMatchingLoss, MeanFlowLoss
 
 
-def build_loss(cfg: ObjectiveConfig) -> MeanFlowLoss:
-    options = {k: v for k, v in vars(cfg).items() if k not in ("kind", "ratio") and v is not None}
-    if cfg.kind == "flow_matching":
-        return FlowMatchingLoss(**options)
-    return MeanFlowLoss(ratio=cfg.ratio, **options)
+def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
+    """The objective named by ``cfg.kind`` with the options given in the config."""
+    return objectives.create(cfg.kind, **cfg.options)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

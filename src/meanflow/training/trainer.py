@@ -217,7 +217,7 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path
 
 
 def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
-    guidance = {k: getattr(cfg.objective, k) for k in ("omega", "kappa", "t_start", "t_end", "label_drop")}
+    guidance = {k: v for k, v in cfg.objective.resolved().items() if k in ("omega", "kappa", "t_start", "t_end", "label_drop")}
     return {
         "format": 1, "model": spec, "objective": cfg.objective.kind, "guidance": guidance,
         "data": {"name": cfg.data.name, "kind": data.kind, "sample_shape": list(data.sample_shape),

@@ -1,0 +1,111 @@
+"""Objectives as plug-ins: the draws layer (label drops, shards), the JVP layer, options declared once."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from meanflow import FlowMatchingLoss, MeanFlowLoss, objectives
+from meanflow.autodiff import Tangent, jvp
+from meanflow.config import ConfigError, from_dict, load_config
+from meanflow.models import create
+from meanflow.objectives import Shard
+
+
+class TanhNet(nn.Module):
+    """A random u(z, r, t) that depends on z, r and t separately (independent of the package's models)."""
+
+    num_classes = 0
+
+    def __init__(self, dim: int = 3):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim + 2, 16), nn.Linear(16, dim)
+
+    def forward(self, z, r, t, labels=None):
+        return self.l2(torch.tanh(self.l1(torch.cat([z, r[:, None] ** 2, torch.sin(3 * t[:, None])], dim=1))))
+
+
+def _draws(loss_fn, total=4000, seed=0, shard=None, size=None):
+    x = torch.zeros(size or total, 2)
+    return loss_fn.draw(x, torch.Generator().manual_seed(seed), shard or Shard(0, total))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_label_drops_fall_on_r_equals_t_rows_by_default(ratio):
+    d = _draws(MeanFlowLoss(ratio=ratio, label_drop=0.1))
+    assert not (d.dropped & d.jvp_rows).any()
+    frac = d.dropped.double().mean().item()  # Binomial(4000, 0.1) / 4000: sd 0.0047
+    assert abs(frac - 0.1) < 0.02, frac
+    # the old behaviour, now an option: independent drops, about 10% of the r != t rows too
+    old = _draws(MeanFlowLoss(ratio=ratio, label_drop=0.1, independent_label_drop=True))
+    on_jvp_rows = old.dropped[old.jvp_index].double().mean().item()
+    assert abs(on_jvp_rows - 0.1) < 0.03, on_jvp_rows
+
+
+def test_drops_spill_onto_r_not_t_rows_only_when_r_equals_t_rows_run_out():
+    d = _draws(MeanFlowLoss(ratio=0.95, label_drop=0.1))
+    fm = ~d.jvp_rows
+    assert d.dropped[fm].all() and d.dropped[d.jvp_rows].any()
+    assert not _draws(MeanFlowLoss(ratio=0.5, label_drop=0.0)).dropped.any()
+
+
+def test_shards_draw_the_global_batch_including_drops():
+    loss_fn = MeanFlowLoss(ratio=0.25, label_drop=0.3)
+    full = _draws(loss_fn, total=64, seed=2)
+    halves = [_draws(loss_fn, total=64, seed=2, shard=Shard(o, 64), size=32) for o in (0, 32)]
+    for name in ("noise", "r", "t", "dropped", "jvp_rows"):
+        torch.testing.assert_close(torch.cat([getattr(h, name) for h in halves]), getattr(full, name))
+    assert full.dropped.any()
+
+
+def test_objectives_are_registered_plug_ins_with_their_own_options():
+    assert {"meanflow", "flow_matching"} <= set(objectives.available())
+    assert not issubclass(FlowMatchingLoss, MeanFlowLoss)
+    assert isinstance(objectives.create("meanflow", ratio=0.5), MeanFlowLoss)
+    assert "ratio" not in FlowMatchingLoss.option_set().options and "jvp" not in FlowMatchingLoss.option_set().options
+    assert FlowMatchingLoss().weight_power == 0.0 and MeanFlowLoss().weight_power == 1.0
+    with pytest.raises(ValueError, match=r"'flow_matching' does not read option ratio \(read by objective 'meanflow'"):
+        FlowMatchingLoss(ratio=0.5)
+
+
+def test_config_objective_section_uses_the_objectives_declarations():
+    assert from_dict({}).objective.to_dict() == {"kind": "meanflow", **MeanFlowLoss().options}
+    cfg = from_dict({"objective": {"kind": "flow_matching", "weight_eps": 0.01}})
+    assert objectives.create(cfg.objective.kind, **cfg.objective.options).options == cfg.objective.resolved()
+    with pytest.raises(ConfigError, match=r"objective 'flow_matching' does not read option objective\.ratio"):
+        load_config("toy", ["objective.kind=flow_matching", "objective.ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"objective\.jvp must be one of auto, dual, forward_ad, full"):
+        load_config("toy", ["objective.jvp=fast"])
+    # switching the kind of a preset keeps only the preset's options the new kind reads
+    assert load_config("toy", ["objective.kind=flow_matching"]).objective.options == {"time_sampler": "lognorm", "mu": -0.4, "sigma": 1.0, "weight_eps": 0.001}
+
+
+def _fd(model, z, r, t, dz, dr, dt, h=1e-6):
+    return (model(z + h * dz, r + h * dr, t + h * dt) - model(z - h * dz, r - h * dr, t - h * dt)) / (2 * h)
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward_ad", "full"])
+def test_jvp_layer_takes_tangents_on_z_t_and_r_for_a_row_subset(mode):
+    torch.manual_seed(0)
+    net = TanhNet().double()
+    z, dz = torch.randn(7, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    r, t = torch.rand(7, dtype=torch.float64) * 0.4, 0.5 + torch.rand(7, dtype=torch.float64) * 0.4
+    rows = torch.tensor([5, 1, 3])
+    dt, dr = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), 1.0
+    out = jvp(net, z, r, t, None, rows, Tangent(z=dz, t=dt, r=dr), mode=mode)
+    torch.testing.assert_close(out.u, net(z, r, t), rtol=1e-13, atol=1e-15)  # subsets round matmuls differently
+    ref = _fd(net, z[rows], r[rows], t[rows], dz, torch.full((3,), dr, dtype=torch.float64), dt)
+    torch.testing.assert_close(out.du, ref, rtol=1e-7, atol=1e-9)
+    assert out.u.requires_grad and not out.du.requires_grad and out.v is None
+
+
+def test_dual_mode_takes_no_r_tangent_and_auto_falls_back():
+    model = create("mlp", dim=3, width=16, depth=1).double()
+    z, r, t = torch.randn(4, 3, dtype=torch.float64), torch.full((4,), 0.2, dtype=torch.float64), torch.full((4,), 0.7, dtype=torch.float64)
+    rows, tangent = torch.tensor([0, 2]), Tangent(z=torch.randn(2, 3, dtype=torch.float64), r=1.0)
+    with pytest.raises(ValueError, match="no tangent on r"):
+        jvp(model, z, r, t, None, rows, tangent, mode="dual")
+    auto = jvp(model, z, r, t, None, rows, tangent)
+    torch.testing.assert_close(auto.du, jvp(model, z, r, t, None, rows, tangent, mode="full").du, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"tangent on z must have shape \(2, 3\)"):
+        jvp(model, z, r, t, None, rows, Tangent(z=torch.zeros(4, 3, dtype=torch.float64)))
