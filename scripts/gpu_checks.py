@@ -30,7 +30,7 @@ import torch
 
 import meanflow.models.attention as attn
 from meanflow.models import create
-from meanflow.models.dual import Dual
+from meanflow.autodiff.dual import Dual
 
 LATENT = dict(in_channels=4, input_size=32, num_classes=1000)
 MODELS = {

@@ -1,6 +1,6 @@
 """The floors of the package, checked by parsing every module's imports (no import is executed).
 
-Bottom to top: config + autodiff + runtime; models, data, objectives, metrics; sampling;
+Bottom to top: config + options + autodiff + runtime; models, data, objectives, metrics; sampling;
 evaluation; training; cli. A module may import from its own floor or below, never above; the
 module import graph has no cycle; imports inside functions are only for optional heavy packages.
 """
@@ -14,7 +14,7 @@ import pytest
 
 SRC = Path(importlib.util.find_spec("meanflow").origin).parent  # located, not imported
 FLOORS = (
-    ("config", "autodiff", "runtime"),
+    ("config", "options", "autodiff", "runtime"),
     ("models", "data", "objectives", "metrics"),
     ("sampling",),
     ("evaluation",),
