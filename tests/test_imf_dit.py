@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meanflow.models import create, dual
-from meanflow.models.dual import Dual
+from meanflow.autodiff import dual
+from meanflow.autodiff.dual import Dual
+from meanflow.models import create
 from meanflow.models.imf_dit import IMFDiT, recommended_guidance, rope_angles
 
 B, N = 5, 3  # batch, rows with a tangent

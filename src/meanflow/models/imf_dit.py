@@ -18,7 +18,7 @@ Lyy-iiis/imeanflow (``models/imfDiT.py``). Differences from the MeanFlow DiT (``
 
 Module and parameter names follow the official PyTorch port (branch ``torch``), so its
 checkpoints map onto this model by renaming alone (:mod:`meanflow.models.imf_weights`).
-All layers take :class:`~meanflow.models.dual.Dual` values: du/dt rides along the forward pass.
+All layers take :class:`~meanflow.autodiff.dual.Dual` values: du/dt rides along the forward pass.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ import math
 import torch
 from torch import nn
 
-from . import dual
+from ..autodiff import dual
+from ..autodiff.dual import Dual
 from .attention import attention
 from .dit import PatchEmbed, check_image, unpatchify
-from .dual import Dual
 from .embeddings import TimestepEmbedder
 from .registry import register
 
