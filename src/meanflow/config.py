@@ -55,6 +55,7 @@ class DataConfig:
     num_samples: int = 100_000
     image_size: int | None = None
     flip: bool = False
+    augment: float = 0.0  # EDM augmentation probability p (official CIFAR-10: 0.12; 0 = off), meanflow.data.augment
     conditional: bool = True
     download: bool = False
     holdout: int = 10_000
@@ -192,6 +193,8 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0; got {flat[key]!r}")
+    if not 0.0 <= cfg.data.augment <= 1.0:
+        raise ConfigError(f"data.augment (EDM augmentation probability) must lie in [0, 1]; got {cfg.data.augment!r}")
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
     if not cfg.train.ema_decays or not all(0.0 < d < 1.0 for d in cfg.train.ema_decays):

@@ -35,12 +35,15 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """Fixed 2-D position embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim).
 
-    Half of the channels encode the row, the other half the column. dim must be divisible by 4.
+    The first half of the channels encodes the column (x), the second half the row (y), each as
+    ``[sin, cos]``: the layout of MAE's and DiT's ``get_2d_sincos_pos_embed`` and of the official
+    MeanFlow JAX code (its meshgrid puts the width coordinate first), so their weights load
+    unchanged. dim must be divisible by 4.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (gh, gw) each
-    return torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1).float()
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1).float()
 
 
 def modulate(x: torch.Tensor | Dual, shift: torch.Tensor | Dual, scale: torch.Tensor | Dual) -> torch.Tensor | Dual:

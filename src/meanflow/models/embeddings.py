@@ -15,7 +15,9 @@ from ..autodiff import dual
 from ..autodiff.dual import Dual
 
 
-def sinusoidal_embedding(t: torch.Tensor | Dual, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor | Dual:
+def sinusoidal_embedding(
+    t: torch.Tensor | Dual, dim: int, max_period: float = 10_000.0, scale: float = 1.0, endpoint: bool = False, sin_first: bool = False
+) -> torch.Tensor | Dual:
     """Sinusoidal features of continuous times.
 
     Args:
@@ -27,22 +29,30 @@ def sinusoidal_embedding(t: torch.Tensor | Dual, dim: int, max_period: float = 1
             du/dt, hence the target v - (t - r) du/dt, up to a thousand times larger, and training
             diverged on a Gaussian even with exact velocities; scale = 1 converged (see
             tests/test_objective.py, the closed-form training test).
+        endpoint: frequencies w_k = max_period^(-k / (half - 1)), so the last one is exactly
+            1 / max_period (EDM's ``PositionalEmbedding(endpoint=True)``, the official CIFAR-10
+            U-Net); otherwise w_k = max_period^(-k / half) (DiT, the official JAX code).
+        sin_first: order ``[sin, cos]`` (the official CIFAR-10 U-Net swaps EDM's halves);
+            otherwise ``[cos, sin]``.
 
     Returns:
-        (B, dim) features ``[cos(w_k scale t), sin(w_k scale t)]``, w_k = max_period^(-k / (dim/2)).
+        (B, dim) features ``[cos(w_k scale t), sin(w_k scale t)]`` (or sin first), k = 0 .. dim/2 - 1.
     """
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    freqs = scale * torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)  # (half,)
+    steps = max(half - 1, 1) if endpoint else half
+    freqs = scale * torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / steps)  # (half,)
     times = dual.primal(t)  # (B,)
     out_dtype = times.dtype if times.is_floating_point() else dtype
     args = times.to(dtype)[:, None] * freqs[None]  # (B, half)
     cos, sin = torch.cos(args), torch.sin(args)
-    emb = _pad_odd(torch.cat([cos, sin], dim=-1), dim).to(out_dtype)  # (B, dim)
+    halves = [sin, cos] if sin_first else [cos, sin]
+    emb = _pad_odd(torch.cat(halves, dim=-1), dim).to(out_dtype)  # (B, dim)
     if not isinstance(t, Dual):
         return emb
     n, dt = t.rows, t.tangent.to(dtype)[:, None]  # (n, 1)
-    tangent = torch.cat([-sin[:n] * freqs, cos[:n] * freqs], dim=-1) * dt  # (n, 2 half)
+    slopes = [cos[:n] * freqs, -sin[:n] * freqs] if sin_first else [-sin[:n] * freqs, cos[:n] * freqs]
+    tangent = torch.cat(slopes, dim=-1) * dt  # (n, 2 half)
     return Dual(emb, _pad_odd(tangent, dim).to(out_dtype))
 
 

@@ -27,11 +27,19 @@ def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> d
     return {"in_channels": sample_shape[0], "input_size": sample_shape[1], "num_classes": num_classes}
 
 
-def model_spec(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """Resolved ``{"name", "kwargs"}``: the user's kwargs plus data-derived ones; conflicts are errors."""
+def model_spec(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int, augment_dim: int = 0) -> dict[str, Any]:
+    """Resolved ``{"name", "kwargs"}``: the user's kwargs plus data-derived ones; conflicts are errors.
+
+    ``augment_dim`` > 0 (EDM augmentation on) tells the network about the augmentation labels; only
+    U-Nets take them.
+    """
     if cfg.name.lower() not in available():
         raise ConfigError(f"model.name {cfg.name!r} is not a model preset; available: {', '.join(available())}")
     derived = data_kwargs(cfg.name, sample_shape, num_classes)
+    if augment_dim:
+        if not cfg.name.lower().startswith("unet"):
+            raise ConfigError(f"data.augment > 0 feeds augmentation labels to the network, which model {cfg.name!r} does not take; use a unet-* model or data.augment=0")
+        derived["augment_dim"] = augment_dim
     for key, value in derived.items():
         if key in cfg.kwargs and cfg.kwargs[key] != value:
             what = "number of classes" if key == "num_classes" else "shape"

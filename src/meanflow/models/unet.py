@@ -8,8 +8,21 @@ with self-attention at chosen resolutions and 2x down/up sampling between levels
 mirrors the encoder, concatenating the encoder's skip activations, and ends with GroupNorm,
 SiLU and a zero-initialised 3x3 conv, so the untrained network outputs u = 0.
 
-The conditioning vector is silu(emb_t(t) + emb_h(t - r) [+ emb_y(label)]) of width
-``emb_mult * model_channels``.
+By default the network is the official MeanFlow CIFAR-10 U-Net (Gsunshine/py-meanflow):
+
+* resampling with the separable FIR filter [1, 3, 3, 1] / 8 (``resample_filter``): a depthwise
+  stride-2 convolution down, a depthwise stride-2 transposed convolution up. The filter
+  ``(1, 1)`` is average pooling and nearest upsampling (DDPM++'s own choice);
+* time conditioning (``time_mlp="shared"``): sinusoidal features of t and of t - r, each
+  ``2 * model_channels`` wide (sin half first, frequencies 10000^(-k / (n - 1))), concatenated;
+  the augmentation labels (a bias-free linear map) and, for class-conditional models, a label
+  embedding with a null row are added; then one shared MLP:
+  ``emb = silu(W1 silu(W0 [f(t), f(t - r)] + ...))``, ``emb_mult * model_channels`` wide.
+
+``time_mlp="separate"`` is our earlier conditioning, kept as an option (off by default) because
+runs trained before the official layout was adopted use it: two DiT-style embedders
+(``model_channels``-wide [cos, sin] features, each through its own MLP) summed with the label
+embedding, then SiLU.
 """
 from __future__ import annotations
 
@@ -23,10 +36,11 @@ from ..autodiff import dual
 from .attention import attention
 from .dit import check_image
 from ..autodiff.dual import Dual
-from .embeddings import MeanFlowConditioning
+from .embeddings import LabelEmbedder, MeanFlowConditioning, sinusoidal_embedding
 from .registry import register
 
 SKIP_SCALE = math.sqrt(0.5)
+TIME_MLPS = ("shared", "separate")
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -45,14 +59,31 @@ def conv(cin: int, cout: int, kernel: int, zero: bool = False) -> nn.Conv2d:
     return layer
 
 
-def resample(x: torch.Tensor | Dual, mode: str | None) -> torch.Tensor | Dual:
-    """(B, C, H, W) -> 2x average-pooled ("down"), 2x nearest-upsampled ("up") or unchanged (None)."""
+def fir_kernel(taps: tuple[int, ...]) -> torch.Tensor:
+    """The separable 2-D resampling filter of 1-D ``taps``: (k, k), summing to 1."""
+    taps = tuple(float(a) for a in taps)
+    if len(taps) < 2 or len(taps) % 2 or sum(taps) <= 0:
+        raise ValueError(f"resample_filter must be an even number (>= 2) of taps with a positive sum, got {taps}")
+    f = torch.tensor(taps, dtype=torch.float64, device="cpu") / sum(taps)  # (k,)
+    return torch.outer(f, f).float()
+
+
+def resample(x: torch.Tensor | Dual, mode: str | None, kernel: torch.Tensor) -> torch.Tensor | Dual:
+    """(B, C, H, W) -> 2x down- ("down") or up-sampled ("up") with the FIR ``kernel`` (k, k), or unchanged (None).
+
+    Down: depthwise convolution with stride 2 and padding (k - 1) / 2, (B, C, H/2, W/2). Up: depthwise
+    transposed convolution with 4 * kernel, stride 2, same padding, (B, C, 2H, 2W). With the 2-tap
+    kernel these are average pooling and nearest upsampling.
+    """
     if mode is None:
         return x
+    channels, pad = x.shape[1], (kernel.shape[-1] - 1) // 2
     if mode == "down":
-        op = lambda a: F.avg_pool2d(a, 2)  # noqa: E731  (B, C, H/2, W/2)
+        weight = kernel.to(x.dtype).expand(channels, 1, *kernel.shape)
+        op = lambda a: F.conv2d(a, weight, stride=2, padding=pad, groups=channels)  # noqa: E731
     else:
-        op = lambda a: F.interpolate(a, scale_factor=2, mode="nearest")  # noqa: E731  (B, C, 2H, 2W)
+        weight = (4 * kernel).to(x.dtype).expand(channels, 1, *kernel.shape)
+        op = lambda a: F.conv_transpose2d(a, weight, stride=2, padding=pad, groups=channels)  # noqa: E731
     return x.map(op) if isinstance(x, Dual) else op(x)
 
 
@@ -68,6 +99,8 @@ class SpatialAttention(nn.Module):
         self.norm = group_norm(channels)
         self.qkv = conv(channels, 3 * channels, 1)
         self.proj = conv(channels, channels, 1, zero=True)
+        with torch.no_grad():
+            self.qkv.weight.mul_(math.sqrt(0.2))  # EDM's attention initialisation
 
     def forward(self, x: torch.Tensor | Dual) -> torch.Tensor | Dual:
         b, c, h, w = x.shape
@@ -81,8 +114,8 @@ class SpatialAttention(nn.Module):
 class UNetBlock(nn.Module):
     """Residual block (B, cin, H, W) -> (B, cout, H', W') conditioned on emb, with optional attention.
 
-    ``mode`` "down" / "up" halves / doubles the resolution (H' = H / 2 or 2 H), None keeps it.
-    The embedding gives a per-channel shift added before the second GroupNorm (DDPM++), or with
+    ``mode`` "down" / "up" halves / doubles the resolution (H' = H / 2 or 2 H) with the FIR
+    filter ``resample_filter``, None keeps it. The embedding gives a per-channel shift added before the second GroupNorm (DDPM++), or with
     ``adaptive_scale`` a scale and shift applied after it: norm(h) * (1 + scale) + shift (ADM).
     """
 
@@ -97,9 +130,11 @@ class UNetBlock(nn.Module):
         adaptive_scale: bool = False,
         heads: int = 1,
         backend: str | None = None,
+        resample_filter: tuple[int, ...] = (1, 3, 3, 1),
     ):
         super().__init__()
         self.mode, self.adaptive_scale = mode, adaptive_scale
+        self.register_buffer("kernel", fir_kernel(resample_filter), persistent=False)  # (k, k)
         self.norm0 = group_norm(cin)
         self.conv0 = conv(cin, cout, 3)
         self.affine = dual.Linear(emb_channels, 2 * cout if adaptive_scale else cout)
@@ -112,7 +147,7 @@ class UNetBlock(nn.Module):
         nn.init.zeros_(self.affine.bias)
 
     def forward(self, x: torch.Tensor | Dual, emb: torch.Tensor | Dual) -> torch.Tensor | Dual:
-        h = self.conv0(resample(dual.silu(self.norm0(x)), self.mode))  # (B, cout, H', W')
+        h = self.conv0(resample(dual.silu(self.norm0(x)), self.mode, self.kernel))  # (B, cout, H', W')
         params = self.affine(emb)[:, :, None, None]  # (B, 2 cout or cout, 1, 1)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)  # (B, cout, 1, 1) each
@@ -120,8 +155,52 @@ class UNetBlock(nn.Module):
         else:
             h = self.norm1(h + params)  # (B, cout, H', W')
         h = self.conv1(self.dropout(dual.silu(h)))  # (B, cout, H', W')
-        x = (h + self.skip(resample(x, self.mode))) * SKIP_SCALE  # (B, cout, H', W')
+        x = (h + self.skip(resample(x, self.mode, self.kernel))) * SKIP_SCALE  # (B, cout, H', W')
         return self.attn(x)  # (B, cout, H', W')
+
+
+class SharedTimeConditioning(nn.Module):
+    """The official CIFAR-10 conditioning: (r, t, label, augment labels) -> (B, hidden), before the last SiLU.
+
+    ``W1 silu(W0 ([f(t), f(t - r)] + A a + E[label]) + b0) + b1`` with f the ``noise_channels``-wide
+    sinusoidal features (sin half first, endpoint frequencies), A a bias-free map of the
+    augmentation labels a (B, augment_dim) and E a label table with a null row.
+    """
+
+    def __init__(self, hidden: int, noise_channels: int, num_classes: int = 0, augment_dim: int = 0):
+        super().__init__()
+        self.noise_channels, self.num_classes = noise_channels, num_classes
+        self.augment = dual.Linear(augment_dim, 2 * noise_channels, bias=False) if augment_dim else None
+        self.y_embed = LabelEmbedder(num_classes, 2 * noise_channels) if num_classes > 0 else None
+        self.layer0 = dual.Linear(2 * noise_channels, hidden)
+        self.layer1 = dual.Linear(hidden, hidden)
+        for layer in (self.augment, self.layer0, self.layer1):
+            if layer is not None:
+                nn.init.xavier_uniform_(layer.weight)
+        for layer in (self.layer0, self.layer1):
+            nn.init.zeros_(layer.bias)
+
+    def features(self, t: torch.Tensor | Dual) -> torch.Tensor | Dual:
+        """(B,) -> (B, noise_channels) sinusoidal features in the layers' dtype."""
+        out = sinusoidal_embedding(t, self.noise_channels, endpoint=True, sin_first=True)
+        return out.to(self.layer0.weight.dtype)
+
+    def forward(
+        self, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor | Dual:
+        """r, t: (B,); labels: (B,) int64 or None (null); augment_labels: (B, augment_dim) or None (none)."""
+        emb = dual.cat([self.features(t), self.features(t - r)], dim=1)  # (B, 2 noise)
+        if self.y_embed is not None:
+            if labels is None:
+                labels = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)
+            emb = emb + self.y_embed(labels)
+        if augment_labels is not None:
+            if self.augment is None:
+                raise ValueError("augment_labels were given but the U-Net was built without augment_dim; set augment_dim")
+            if augment_labels.shape != (t.shape[0], self.augment.in_features):
+                raise ValueError(f"augment_labels must have shape ({t.shape[0]}, {self.augment.in_features}), got {tuple(augment_labels.shape)}")
+            emb = emb + self.augment(augment_labels.to(self.layer0.weight.dtype))
+        return self.layer1(dual.silu(self.layer0(emb)))  # (B, hidden)
 
 
 class UNet(nn.Module):
@@ -141,6 +220,12 @@ class UNet(nn.Module):
         attn_heads: attention heads (DDPM++ uses one).
         emb_mult: conditioning width is emb_mult * model_channels.
         attention_backend: see :mod:`meanflow.models.attention`; None follows $MEANFLOW_ATTENTION.
+        resample_filter: 1-D taps of the separable down/up-sampling filter; (1, 3, 3, 1) official,
+            (1, 1) average pooling / nearest upsampling.
+        time_mlp: "shared" (official: both time embeddings concatenated through one MLP) or
+            "separate" (our earlier layout, module docstring).
+        augment_dim: width of the augmentation labels the network is told about (6 for the
+            official EDM augmentation subset, :mod:`meanflow.data.augment`); 0 = none.
 
     z and t may be :class:`meanflow.autodiff.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
@@ -161,6 +246,9 @@ class UNet(nn.Module):
         attn_heads: int = 1,
         emb_mult: int = 4,
         attention_backend: str | None = None,
+        resample_filter: tuple[int, ...] = (1, 3, 3, 1),
+        time_mlp: str = "shared",
+        augment_dim: int = 0,
     ):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -171,11 +259,20 @@ class UNet(nn.Module):
             raise ValueError(f"U-Net input size {height}x{width} must be divisible by 2^{levels - 1} for {levels} levels")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if time_mlp not in TIME_MLPS:
+            raise ValueError(f"time_mlp must be one of {', '.join(TIME_MLPS)}, got {time_mlp!r}")
+        if augment_dim < 0 or (augment_dim and time_mlp != "shared"):
+            raise ValueError(f"augment_dim={augment_dim}: augmentation labels need augment_dim >= 0 and time_mlp='shared'")
         self.in_channels, self.input_size, self.num_classes = in_channels, (height, width), num_classes
+        self.augment_dim = augment_dim
         emb_channels = emb_mult * model_channels
-        self.cond = MeanFlowConditioning(emb_channels, num_classes, frequency_dim=model_channels)
+        if time_mlp == "shared":
+            self.cond = SharedTimeConditioning(emb_channels, 2 * model_channels, num_classes, augment_dim)
+        else:
+            self.cond = MeanFlowConditioning(emb_channels, num_classes, frequency_dim=model_channels)
         block = dict(
-            emb_channels=emb_channels, dropout=dropout, adaptive_scale=adaptive_scale, heads=attn_heads, backend=attention_backend
+            emb_channels=emb_channels, dropout=dropout, adaptive_scale=adaptive_scale, heads=attn_heads, backend=attention_backend,
+            resample_filter=tuple(resample_filter),
         )
 
         self.stem = conv(in_channels, model_channels, 3)
@@ -205,10 +302,25 @@ class UNet(nn.Module):
         self.out_conv = conv(cout, in_channels, 3, zero=True)
 
     def forward(
-        self, z: torch.Tensor | Dual, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None
+        self,
+        z: torch.Tensor | Dual,
+        r: torch.Tensor,
+        t: torch.Tensor | Dual,
+        labels: torch.Tensor | None = None,
+        *,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor | Dual:
+        """z: (B, C, H, W); r, t: (B,); labels: (B,) or None; augment_labels: (B, augment_dim) or None.
+
+        ``augment_labels=None`` means "not augmented" (zero labels), as at sampling time.
+        """
         check_image(z, self.in_channels, self.input_size, "U-Net")
-        emb = dual.silu(self.cond(r, t, labels))  # (B, E)
+        if isinstance(self.cond, SharedTimeConditioning):
+            emb = dual.silu(self.cond(r, t, labels, augment_labels))  # (B, E)
+        elif augment_labels is not None:
+            raise ValueError("augment_labels need a U-Net with time_mlp='shared' and augment_dim > 0")
+        else:
+            emb = dual.silu(self.cond(r, t, labels))  # (B, E)
         x = self.stem(z)  # (B, C0, H, W)
         skips = [x]
         for block in self.encoder:

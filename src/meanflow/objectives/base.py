@@ -75,13 +75,17 @@ class Objective:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
     def __call__(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None, *,
-                 generator: torch.Generator | None = None, shard: Shard | None = None) -> tuple[torch.Tensor, Stats]:
+                 generator: torch.Generator | None = None, shard: Shard | None = None,
+                 cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Stats]:
         """Loss (scalar, differentiable) and plain-float diagnostics for a data batch x (B, ...).
 
         ``generator`` supplies all randomness (default: the global RNG on x's device); ``shard``
-        places x in a larger global batch (distributed training).
+        places x in a larger global batch (distributed training). ``cond``: per-sample keyword
+        inputs of the model, each (B, ...) (e.g. ``{"augment_labels": a}``, a: (B, 6)); every model
+        call gets the rows of each that match its inputs (objectives that take ``cond``).
         """
-        return self.reduce(self.targets(model, x, labels, generator, shard=shard))
+        extra = {"cond": checked_cond(cond, x.shape[0])} if cond else {}
+        return self.reduce(self.targets(model, x, labels, generator, shard=shard, **extra))
 
     def targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, *, shard: Shard | None = None) -> Targets:
@@ -142,6 +146,14 @@ class JVPOptions:
     """How the JVP layer computes du/dt (``meanflow.autodiff.jvp``); every mode gives the same result."""
 
     jvp = Option("auto", choices=mode_names, doc="how du/dt is computed; every mode gives the same result")
+
+
+def checked_cond(cond: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """``cond`` unchanged after checking that every entry is a tensor with one row per sample."""
+    for key, value in cond.items():
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != size:
+            raise ValueError(f"cond[{key!r}] must be a tensor with one row per sample ({size}), got {getattr(value, 'shape', value)!r}")
+    return cond
 
 
 def num_classes(model: Model) -> int:

@@ -31,15 +31,20 @@ class FlowMatchingLoss(Objective, WeightOptions, LabelDropOptions, GuidanceOptio
     weight_power = Option(0.0, low=0.0, doc="p of the adaptive weight 1 / (d + c)^p; 0 (the default here) is plain squared error")
 
     def targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, *, shard: Shard | None = None) -> Targets:
-        """u = model(z, t, t) with gradient; target v (no gradient); dudt zero. All (B, ...)."""
+                generator: torch.Generator | None = None, *, shard: Shard | None = None,
+                cond: dict[str, torch.Tensor] | None = None) -> Targets:
+        """u = model(z, t, t) with gradient; target v (no gradient); dudt zero. All (B, ...).
+
+        ``cond``: further per-sample keyword inputs of the model, each (B, ...).
+        """
+        cond = cond or {}
         draws, _ = draw_batch(x, generator, shard, ratio=0.0, times=self.times(), label_drop=self.label_drop)
         labels = drop_labels(checked_labels(model, labels, x.shape[0], x.device), draws.dropped, num_classes(model))
         self.check_guidance(model)
         z = interpolate(x, draws.noise, draws.t)
-        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels)
+        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels, cond)
         dtype = target_dtype(z)
-        u = model(z, draws.t, draws.t, labels).to(dtype)
+        u = model(z, draws.t, draws.t, labels, **cond).to(dtype)
         target = v.to(dtype).detach()
         return Targets(u=u, target=target, dudt=torch.zeros_like(target), z=z, v=v, labels=labels, draws=draws)
 

@@ -39,20 +39,24 @@ class GuidanceOptions:
         if self.guided and num_classes(model) == 0:
             raise ValueError("guidance (omega != 1 or kappa != 0) needs a class-conditional model")
 
-    def guided_velocity(self, model: Model, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def guided_velocity(self, model: Model, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels: torch.Tensor | None,
+                        cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """v_g of the module docstring, (B, ...); equals v where no guidance applies.
 
-        z, v: (B, ...); t: (B,); labels: (B,) as fed to the network (null where dropped).
+        z, v: (B, ...); t: (B,); labels: (B,) as fed to the network (null where dropped); cond: further
+        per-sample keyword inputs of the model, each (B, ...).
         """
+        cond = cond or {}
         if not self.guided:
             return v
         null = torch.full_like(labels, num_classes(model))
         with torch.no_grad():
             if self.kappa != 0.0:
-                u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([labels, null])).to(v.dtype)
+                twice = {k: torch.cat([c, c]) for k, c in cond.items()}
+                u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([labels, null]), **twice).to(v.dtype)
                 u_cond, u_null = u_both.chunk(2)
             else:
-                u_cond, u_null = 0.0, model(z, t, t, null).to(v.dtype)
+                u_cond, u_null = 0.0, model(z, t, t, null, **cond).to(v.dtype)
             v_g = self.omega * v + self.kappa * u_cond + (1.0 - self.omega - self.kappa) * u_null
         apply = (labels != null) & (t >= self.t_start) & (t <= self.t_end)
         return torch.where(_expand(apply, v).bool(), v_g, v)

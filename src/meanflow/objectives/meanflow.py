@@ -54,14 +54,18 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         return draws
 
     def targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, *, shard: Shard | None = None) -> Targets:
-        """Network output u (with gradient), the target u_tgt and du/dt (no gradient), all (B, ...)."""
+                generator: torch.Generator | None = None, *, shard: Shard | None = None,
+                cond: dict[str, torch.Tensor] | None = None) -> Targets:
+        """Network output u (with gradient), the target u_tgt and du/dt (no gradient), all (B, ...).
+
+        ``cond``: further per-sample keyword inputs of the model, each (B, ...), given row by row.
+        """
         draws = self.draw(x, generator, shard)
         labels = drop_labels(checked_labels(model, labels, x.shape[0], x.device), draws.dropped, num_classes(model))
         self.check_guidance(model)
         z = interpolate(x, draws.noise, draws.t)
-        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels)
-        u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, draws.jvp_index)
+        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels, cond)
+        u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, draws.jvp_index, cond)
         return Targets(u=u, target=target, dudt=dudt, z=z, v=v, labels=labels, draws=draws, tangent=v)
 
     def jvp_target(self, model: Model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
@@ -72,9 +76,10 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         """
         return self._regress(model, z, r, t, v, labels, torch.arange(z.shape[0], device=z.device))
 
-    def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor,
+                 cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u, target and du/dt (B, ...) with the JVP on ``rows``; target math in float32 (float64 for float64 z)."""
-        out = jvp(model, z, r, t, labels, rows, Tangent(z=v[rows].to(z.dtype)), mode=self.jvp)
+        out = jvp(model, z, r, t, labels, rows, Tangent(z=v[rows].to(z.dtype)), mode=self.jvp, conditioning=cond)
         dtype = target_dtype(z)
         u, du = out.u.to(dtype), out.du.to(dtype)
         target = v.to(dtype).clone()

@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-STREAMS = {"loss": 0, "augment": 1, "dropout": 2, "data": 3, "sample": 4}
+STREAMS = {"loss": 0, "augment": 1, "dropout": 2, "data": 3, "sample": 4, "edm_augment": 5, "labels": 6}
 
 
 def derive_seed(*parts: int) -> int:

@@ -24,12 +24,13 @@ def iterate_samples(
 
     The noise of batch i comes from a generator seeded by (seed, i), so results do not depend on
     the device count; with ``world_size`` > 1 this process makes only the batches i = rank mod
-    world_size. Class-conditional models without given labels cycle through the classes.
+    world_size. Class-conditional models without given labels get labels drawn uniformly at
+    random (from a generator seeded by ``seed``), as the official evaluation does.
     """
     if num < 1:
         raise ValueError(f"number of samples must be >= 1, got {num}")
     if labels is None and num_classes > 0:
-        labels = torch.arange(num) % num_classes
+        labels = torch.randint(num_classes, (num,), generator=step_generator(seed, 0, "labels"))
     if labels is not None and labels.shape != (num,):
         raise ValueError(f"labels must have shape ({num},), got {tuple(labels.shape)}")
     if labels is not None and (labels.min() < 0 or labels.max() >= max(num_classes, 1)):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, save_config
 from ..data import load_dataset, random_flip
+from ..data.augment import LABEL_DIM, EDMAugment
 from ..data.base import Dataset
 from ..evaluation.preview import save_preview
 from ..models.loading import build_model, model_spec
@@ -64,7 +65,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
     _prepare_out(out, info, resume)
     train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
-    spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes)
+    augment = _augmenter(cfg, train_set)
+    spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes, LABEL_DIM if augment else 0)
     torch.manual_seed(derive_seed(cfg.seed, -1))  # same initial weights on every rank and every run
     model = build_model(spec).to(info.device)
     loss_fn = build_loss(cfg.objective)
@@ -87,11 +89,11 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
             step = state.step
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg.train)
-            x, labels = _batch(train_set, order, step, info, cfg)
+            x, labels, cond = _batch(train_set, order, step, info, cfg, augment)
             torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 2))  # dropout masks
             with autocast:
                 loss, stats = loss_fn(forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
-                                      shard=Shard(info.rank * local, cfg.train.batch_size))
+                                      shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             D.all_reduce_gradients(model, info.world_size)
@@ -137,17 +139,34 @@ def _prepare_out(out: Path, info: D.DistInfo, resume: bool) -> None:
     D.barrier(info)
 
 
-def _batch(data: Dataset, order: GlobalBatchOrder, step: int, info: D.DistInfo, cfg: Config):
-    """This rank's (x, labels) for ``step``, with reproducible horizontal flips when enabled."""
+def _augmenter(cfg: Config, data: Dataset) -> EDMAugment | None:
+    """The EDM augmentation of ``data.augment`` (images only), or None when it is off."""
+    if not cfg.data.augment:
+        return None
+    if data.kind != "images":
+        raise ConfigError(f"data.augment={cfg.data.augment} augments images, but {cfg.data.name!r} gives {data.kind}; set data.augment=0")
+    return EDMAugment(p=cfg.data.augment)
+
+
+def _batch(data: Dataset, order: GlobalBatchOrder, step: int, info: D.DistInfo, cfg: Config, augment: EDMAugment | None = None):
+    """This rank's (x, labels, cond) for ``step``: reproducible horizontal flips, then EDM augmentation, when enabled.
+
+    ``cond`` is None or ``{"augment_labels": (b, 6)}``; all randomness is drawn for the global batch.
+    """
     index = order.local_indices(step, info.rank, info.world_size)
     x, labels = data.get(index)
+    local = slice(info.rank * x.shape[0], (info.rank + 1) * x.shape[0])
     if cfg.data.flip and x.ndim == 4:
         gen = step_generator(cfg.seed, step, "augment")
-        local = x.shape[0]
-        flip = (torch.rand(cfg.train.batch_size, generator=gen) < 0.5)[info.rank * local:(info.rank + 1) * local]
+        flip = (torch.rand(cfg.train.batch_size, generator=gen) < 0.5)[local]
         x = random_flip(x, flip)
+    cond = None
+    if augment is not None:
+        params = augment.draw(cfg.train.batch_size, step_generator(cfg.seed, step, "edm_augment")).take(local)
+        x = augment.apply(x, params)
+        cond = {"augment_labels": params.labels().to(info.device, non_blocking=True)}
     x = x.to(info.device, non_blocking=True)
-    return x, None if labels is None else labels.to(info.device, non_blocking=True)
+    return x, None if labels is None else labels.to(info.device, non_blocking=True), cond
 
 
 def _grad_norm(model: nn.Module, clip: float) -> float:
