@@ -1,0 +1,75 @@
+"""The (r, t) samplers' parameters reach the draws: moments of drawn t and r against closed forms.
+
+Closed forms used (X, Y independent normals, Phi / phi the standard normal CDF / density):
+  max of two standard normals: mean 1 / sqrt(pi), variance 1 - 1 / pi (min: minus the mean);
+  min(X, Y) with X ~ N(a, s^2), Y ~ N(b, q^2), theta = sqrt(s^2 + q^2), d = (b - a) / theta:
+      E min = a Phi(d) + b Phi(-d) - theta phi(d)                                 (Clark, 1961);
+  r = min(U1, U2), t = max(U1, U2) of uniforms: E t = 2/3, E r = 1/3, Var = 1/18, E[r t] = 1/4.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meanflow import MeanFlowLoss
+
+N = 200_000
+
+
+def _draw(**options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, t) of N samples, all with r != t (ratio 1), in float64."""
+    loss = MeanFlowLoss(ratio=1.0, **options)
+    x = torch.zeros(N, 1, dtype=torch.float64)
+    draws = loss.draw(x, generator=torch.Generator().manual_seed(0))
+    return draws.r, draws.t
+
+
+def _close(sample: torch.Tensor, expected: float, spread: float) -> None:
+    """Sample mean within 5 standard errors of ``expected`` (``spread``: the population std)."""
+    assert abs(float(sample.mean()) - expected) < 5 * spread / math.sqrt(sample.numel()), (float(sample.mean()), expected)
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+def test_uniform():
+    r, t = _draw(time_sampler="uniform")
+    assert bool((r <= t).all()) and float(r.min()) >= 0 and float(t.max()) <= 1
+    _close(t, 2 / 3, math.sqrt(1 / 18))
+    _close(r, 1 / 3, math.sqrt(1 / 18))
+    _close((t - 2 / 3) ** 2, 1 / 18, 0.05)
+    _close(r * t, 1 / 4, 0.25)
+
+
+@pytest.mark.parametrize("mu, sigma", [(-0.4, 1.0), (0.7, 0.5)])
+def test_lognorm(mu, sigma):
+    r, t = _draw(time_sampler="lognorm", mu=mu, sigma=sigma)
+    lt, lr = _logit(t), _logit(r)
+    spread = sigma * math.sqrt(1 - 1 / math.pi)
+    _close(lt, mu + sigma / math.sqrt(math.pi), spread)
+    _close(lr, mu - sigma / math.sqrt(math.pi), spread)
+    _close((lt - mu - sigma / math.sqrt(math.pi)) ** 2, spread**2, 2 * spread**2)
+    # the pair is (min, max) of two independent draws: E[logit r + logit t] = 2 mu
+    _close(lr + lt, 2 * mu, sigma * math.sqrt(2))
+
+
+@pytest.mark.parametrize("mu, sigma, r_mu, r_sigma", [(-0.6, 1.6, -4.0, 1.6), (0.2, 0.8, -1.0, 0.5)])
+def test_cifar_v1(mu, sigma, r_mu, r_sigma):
+    r, t = _draw(time_sampler="cifar_v1", mu=mu, sigma=sigma, r_mu=r_mu, r_sigma=r_sigma)
+    lt, lr = _logit(t), _logit(r)
+    _close(lt, mu, sigma)
+    _close((lt - mu) ** 2, sigma**2, 2 * sigma**2)
+    theta = math.hypot(sigma, r_sigma)
+    d = (mu - r_mu) / theta
+    phi = math.exp(-d * d / 2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + math.erf(d / math.sqrt(2)))
+    _close(lr, r_mu * cdf + mu * (1 - cdf) - theta * phi, max(sigma, r_sigma))
+
+
+def test_ratio_sets_the_share_of_r_equal_t():
+    loss = MeanFlowLoss(ratio=0.3)
+    draws = loss.draw(torch.zeros(1000, 2), generator=torch.Generator().manual_seed(1))
+    assert int((draws.r != draws.t).sum()) == 300 and draws.jvp_index.numel() == 300
