@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from meanflow.cli import main
 from meanflow.config import load_config
 from meanflow.data import load_dataset
+from meanflow.evaluation import images as evaluation_images
 from meanflow.models import create
-from meanflow.training import checkpoint as ckpt
-from meanflow.training.seeding import step_generator
+from meanflow.runtime import checkpoint as ckpt
+from meanflow.runtime.seeding import step_generator
 
 TOY = ["--config", "toy", "model.kwargs={width: 32, depth: 2}", "data.num_samples=2048", "data.holdout=300",
        "train.batch_size=64", "train.steps=3", "train.checkpoint_every=3", "train.warmup_steps=0",
@@ -166,9 +167,7 @@ class ProjectionFeatures:
 
 
 def test_eval_fid_stats_of_an_image_run_recomputed(tmp_path, monkeypatch):
-    import meanflow.metrics.inception as inception
-
-    monkeypatch.setattr(inception, "InceptionFeatures", ProjectionFeatures)
+    monkeypatch.setattr(evaluation_images, "InceptionFeatures", ProjectionFeatures)
     run = tmp_path / "digits"
     assert main(["train", "--out", str(run), "--config", "digits", "--no-eval", "train.steps=2", "train.batch_size=8",
                  "train.checkpoint_every=2", "train.ema_decays=[0.5]", "model.kwargs={model_channels: 8, attn_resolutions: []}"]) == 0

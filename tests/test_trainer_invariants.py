@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from meanflow import MeanFlowLoss
 from meanflow.config import load_config
 from meanflow.models import create
-from meanflow.training import checkpoint as ckpt
+from meanflow.runtime import checkpoint as ckpt
 from meanflow.training import trainer
 from meanflow.training.trainer import train
 
@@ -127,8 +127,8 @@ class FileEvents:
             raise Crash(f"crash at {kind} {path}")
 
 
-def _audit(event: str, args) -> None:
-    rec = FileEvents.armed
+def _audit(event: str, args, recorder=FileEvents) -> None:
+    rec = recorder.armed  # the default argument outlives the module's globals at interpreter exit
     if rec is None:
         return
     if event == "open" and isinstance(args[0], (str, Path)):
