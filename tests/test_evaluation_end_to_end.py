@@ -1,7 +1,8 @@
 """A run's evaluation end to end: every number of ``metrics.json`` recomputed here, independently.
 
 The recomputation shares only the documented inputs with the package: the EMA weights file, the
-held-out data, and the sampling noise of batch i drawn from the (seed, i, "sample") stream. The
+held-out data, the sampling noise of batch i drawn from the (seed, i, "sample") stream and the
+evaluation labels drawn from the (seed, 0, "labels") stream. The
 samplers, the uint8 conversion, sliced W2, energy distance, FID and Inception Score are written
 again below in a few lines of numpy / scipy.
 """
@@ -182,7 +183,7 @@ def test_eval_fid_stats_of_an_image_run_recomputed(tmp_path, monkeypatch):
     entry = json.loads(out.read_text())["results"]["meanflow_2nfe"]
 
     model = _ema_model(run)
-    labels = torch.arange(30) % 10  # classes cycled
+    labels = torch.randint(10, (30,), generator=step_generator(5, 0, "labels"))  # uniform classes, documented stream
     batches = []
     for i, start in enumerate(range(0, 30, 16)):
         n = min(16, 30 - start)
