@@ -74,8 +74,8 @@ class Objective:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
-    def __call__(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None, *,
-                 generator: torch.Generator | None = None, shard: Shard | None = None,
+    def __call__(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, *, shard: Shard | None = None,
                  cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Stats]:
         """Loss (scalar, differentiable) and plain-float diagnostics for a data batch x (B, ...).
 
