@@ -168,3 +168,20 @@ def test_registered_with_the_official_defaults():
                     weight_power=1.0, weight_eps=0.01)
     assert {k: loss_fn.options[k] for k in expected} == expected
     assert from_dict({"objective": {"kind": "imf"}}).objective.resolved() == loss_fn.options
+
+
+def test_further_model_inputs_reach_every_call_row_by_row():
+    seen = []
+
+    class WithAugment(TwoHeadNet):
+        def forward(self, z, r, t, labels=None, *, augment, **kw):
+            seen.append(torch.equal(augment, fwAD.unpack_dual(z).primal))  # augment is a copy of z: rows must match
+            return super().forward(z, r, t, labels, **kw)
+
+    torch.manual_seed(0)
+    model, x, y = WithAugment().double(), torch.randn(8, 3, **f64), torch.zeros(8, dtype=torch.long)
+    loss_fn = IMFLoss(jvp="forward_ad")
+    d = loss_fn.draw(x, torch.Generator().manual_seed(0))
+    z = (1 - d.t)[:, None] * x + d.t[:, None] * d.noise
+    loss_fn.targets(model, x, y, torch.Generator().manual_seed(0), cond={"augment": z})
+    assert seen == [True, True, True]  # guidance (z and augment both doubled), JVP rows, plain rows
