@@ -124,6 +124,7 @@ class IMFDiT(nn.Module):
 
     supports_dual = True
     guidance_input = True
+    preset: str | None = None  # the registered preset name, set by ``create``
 
     def __init__(
         self,
