@@ -183,6 +183,11 @@ class IMFDiT(nn.Module):
     def has_v_head(self) -> bool:
         return self.v_heads is not None
 
+    def default_guidance(self, steps: int) -> tuple[float, tuple[float, float]]:
+        """(omega, (t_min, t_max)) used when sampling at ``steps`` NFE without them: the official
+        settings for the released presets, else omega 1 on [0, 1] (no guidance)."""
+        return recommended_guidance(self.preset, steps) or (1.0, (0.0, 1.0))
+
     def reset_parameters(self, token_init: float = 1.0, embedding_init: float = 1.0, weight_init: float = 0.32) -> None:
         """The official initialisation (``TorchLinear`` "scaled_variance", zero gates and outputs)."""
         hidden = self.class_tokens.shape[1]
@@ -291,7 +296,7 @@ RECOMMENDED_GUIDANCE = {
 }
 
 
-def recommended_guidance(preset: str, steps: int) -> tuple[float, tuple[float, float]] | None:
+def recommended_guidance(preset: str | None, steps: int) -> tuple[float, tuple[float, float]] | None:
     """(omega, (t_min, t_max)) recommended for ``preset`` at ``steps`` NFE (the 1-NFE entry when that
     NFE has none), or None for presets without released settings."""
     table = RECOMMENDED_GUIDANCE.get(preset)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..data.latents import decode
 from ..runtime.seeding import step_generator
-from .samplers import ode_sample, sample
+from .samplers import guidance_inputs, ode_sample, sample
 
 
 @torch.no_grad()
@@ -19,6 +19,7 @@ def iterate_samples(
     model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
     labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
     device: str | torch.device = "cpu", progress: bool = False, rank: int = 0, world_size: int = 1,
+    omega: float | None = None, interval: tuple[float, float] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """Yield (batch index i, samples (b, *sample_shape) on ``device``, labels (b,) or None).
 
@@ -26,7 +27,9 @@ def iterate_samples(
     the device count; with ``world_size`` > 1 this process makes only the batches i = rank mod
     world_size. Class-conditional models without given labels get labels drawn uniformly at
     random (from a generator seeded by ``seed``), as the official evaluation does.
+    ``omega`` / ``interval``: guidance inputs of iMF-style models (:func:`~meanflow.sampling.samplers.guidance_inputs`).
     """
+    guidance = guidance_inputs(model, steps, omega, interval)  # checked before any sampling
     if num < 1:
         raise ValueError(f"number of samples must be >= 1, got {num}")
     if labels is None and num_classes > 0:
@@ -44,22 +47,25 @@ def iterate_samples(
         n = min(batch_size, num - start)
         noise = torch.randn((n, *sample_shape), generator=step_generator(seed, i, "sample")).to(device)
         y = None if labels is None else labels[start:start + n].to(device)
-        yield i, _run_sampler(model, noise, steps, method, y).float(), y
+        yield i, _run_sampler(model, noise, steps, method, y, guidance).float(), y
 
 
 def generate(model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
              labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
-             device: str | torch.device = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             device: str | torch.device = "cpu", progress: bool = False, omega: float | None = None,
+             interval: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All ``num`` samples (num, *sample_shape) on the CPU and their labels (or None); see :func:`iterate_samples`."""
-    batches = list(iterate_samples(model, num, sample_shape, steps, method, labels, num_classes, seed, batch_size, device, progress))
+    batches = list(iterate_samples(model, num, sample_shape, steps, method, labels, num_classes, seed, batch_size, device, progress,
+                                   omega=omega, interval=interval))
     samples = torch.cat([b[1].cpu() for b in batches])
     return samples, None if batches[0][2] is None else torch.cat([b[2].cpu() for b in batches])
 
 
-def _run_sampler(model, noise, steps: int, method: str, labels):
+def _run_sampler(model, noise, steps: int, method: str, labels, guidance: dict[str, float]):
+    options = {} if not guidance else {"omega": guidance["omega"], "interval": (guidance["t_min"], guidance["t_max"])}
     if method == "meanflow":
-        return sample(model, noise, steps=steps, labels=labels)
-    return ode_sample(model, noise, steps=steps, labels=labels, method=method)
+        return sample(model, noise, steps=steps, labels=labels, **options)
+    return ode_sample(model, noise, steps=steps, labels=labels, method=method, **options)
 
 
 def decode_samples(samples: torch.Tensor, info: dict, device="cpu") -> torch.Tensor:
