@@ -166,3 +166,20 @@ def test_checkpoint_of_another_preset_and_foreign_files(tmp_path):
     torch.save({"model": official_state()}, tmp_path / "wrapped.pth")
     with pytest.raises(ValueError, match="not an official iMF checkpoint"):
         load_official_imf(tmp_path / "wrapped.pth")
+
+
+def test_sampling_equals_the_official_generate_loop(tmp_path):
+    """meanflow.sample with omega and interval = the official iMeanFlow.generate steps z <- z - (t - r) u."""
+    import meanflow
+
+    state = official_state(seed=3)
+    torch.save(state, tmp_path / "iMF-test.pth")
+    model = load_official_imf(tmp_path / "iMF-test.pth", input_size=8)
+    noise, y = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 4, 9])
+    for steps, omega, (lo, hi) in ((1, 8.0, (0.4, 0.65)), (2, 4.0, (0.36, 0.64))):
+        z, grid = noise.clone(), torch.linspace(1.0, 0.0, steps + 1)
+        for t, r in zip(grid[:-1], grid[1:]):
+            full = lambda v: torch.full((3,), float(v))  # noqa: E731
+            z = z - (t - r) * official_forward(state, z, full(t), full(t - r), full(omega), full(lo), full(hi), y, heads=2)
+        ours = meanflow.sample(model, noise, steps=steps, labels=y, omega=omega, interval=(lo, hi))
+        assert (ours - z).abs().max() <= 1e-5 * z.abs().max()

@@ -44,6 +44,9 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
 
 
+LATENT_NORMALISATIONS = ("vae", "imf")  # data.latent_norm: see meanflow.data.latents
+
+
 @dataclass
 class DataConfig:
     """Training data. ``name``: a toy distribution (checkerboard, 8gaussians, moons, spirals),
@@ -59,6 +62,7 @@ class DataConfig:
     conditional: bool = True
     download: bool = False
     holdout: int = 10_000
+    latent_norm: str = "vae"  # latents only: "vae" (the VAE's scaling factor) or "imf" (iMF's per-channel statistics)
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Config:
 
 
 CHOICES = {
+    "data.latent_norm": LATENT_NORMALISATIONS,
     "train.optimizer": ("adam", "adamw"),
     "train.precision": ("fp32", "bf16"),
 }

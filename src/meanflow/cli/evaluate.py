@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model (metrics as JSON)", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (newest checkpoint)")
-    src.add_argument("--checkpoint", help="checkpoint directory")
+    src.add_argument("--checkpoint", help="checkpoint directory, or released iMF weights (iMF-B-2.pth; needs --fid-stats)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="NFE values to evaluate (default: config eval.steps)")
     p.add_argument("--num", type=int, default=None, help="number of samples (default: config eval.num_samples)")
     p.add_argument("--method", default=None, choices=("meanflow", "euler", "heun"), help="only this sampler (default: MeanFlow + ODE baseline)")
@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--inception-weights", default=None, metavar="PATH", help="pt_inception-2015-12-05 weights file (or env MEANFLOW_INCEPTION_WEIGHTS)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: config eval.batch_size)")
     p.add_argument("--save-samples", default=None, metavar="STEM", help="also write image samples to STEM_<method>_<k>nfe.npz (uint8 NHWC)")
+    p.add_argument("--omega", type=float, default=None, help="guidance scale of an iMF model (> 0; default: the preset's official value, else 1)")
+    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="guidance interval of an iMF model, 0 <= T_MIN <= T_MAX <= 1 (default: the preset's official one, else 0 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=run)
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
                            ema=not args.raw, device=args.device, method=args.method, fid_stats=args.fid_stats,
                            inception_weights=args.inception_weights, batch_size=args.batch_size,
-                           save_samples=args.save_samples)
+                           save_samples=args.save_samples, omega=args.omega, interval=args.interval)
     if process_rank() != 0:
         return 0
     text = json.dumps(metrics, indent=2)

@@ -17,7 +17,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a trained model", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (newest checkpoint)")
-    src.add_argument("--checkpoint", help="checkpoint directory or .safetensors file")
+    src.add_argument("--checkpoint", help="checkpoint directory, .safetensors file, or released iMF weights (iMF-B-2.pth)")
     p.add_argument("--steps", type=int, default=1, help="network evaluations (MeanFlow jumps or ODE steps)")
     p.add_argument("--num", type=int, default=1000, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (array 'samples', 'labels' if conditional) or .png")
@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--class", dest="cls", type=int, default=None, help="generate only this class")
     p.add_argument("--labels", default=None, help="comma-separated classes to cycle through, e.g. 0,3,7")
     p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--omega", type=float, default=None, help="guidance scale of an iMF model (> 0; default: the preset's official value, else 1)")
+    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="guidance interval of an iMF model, 0 <= T_MIN <= T_MAX <= 1 (default: the preset's official one, else 0 1)")
+    p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub id) instead of the recorded one")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -40,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     labels = _labels(args, data["num_classes"])
     samples, labels = generate(model, args.num, tuple(data["sample_shape"]), args.steps, args.method, labels=labels,
                                num_classes=data["num_classes"], seed=args.seed, batch_size=args.batch_size,
-                               device=args.device, progress=True)
+                               device=args.device, progress=True, omega=args.omega, interval=args.interval)
     if data["kind"] == "latents":
-        samples = decode_samples(samples, data["info"], args.device)
+        samples = decode_samples(samples, data["info"], args.device, vae=args.vae)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write(out, samples, labels, data)
     print(f"wrote {args.num} samples ({args.steps} step(s), {args.method}) to {out}")

@@ -92,7 +92,7 @@ def _load_torchvision(cfg: DataConfig, seed: int, root: str) -> tuple[TensorData
 
 
 def _load_latents(cfg: DataConfig, seed: int, root: str) -> tuple[Dataset, None]:
-    return load_latent_dataset(_require_path(cfg), seed, cfg.image_size, cfg.flip), None
+    return load_latent_dataset(_require_path(cfg), seed, cfg.image_size, cfg.flip, cfg.latent_norm), None
 
 
 _LOADERS: dict[str, Loader] = {

@@ -7,7 +7,8 @@ Pipeline (see docs/LATENTS.md):
    (:func:`adm_center_crop`), and encodes every image with a diffusers ``AutoencoderKL`` into
    sharded ``.npy`` files plus a ``latents.json`` metadata file.
 2. :class:`LatentDataset` (``data.name=latents``, ``data.path=<cache>``) memory-maps the shards and
-   returns scaled latents ``(z - shift) * scale`` as float32.
+   returns normalised latents as float32: ``(z - shift) * scale`` with the VAE's scaling factor
+   (``data.latent_norm=vae``) or iMF's per-channel ``(z - mean_c) / std_c`` (``data.latent_norm=imf``).
 3. :func:`decode` maps generated latents back to images in [-1, 1] with the recorded VAE.
 
 What is stored: the *moments* of the VAE posterior N(mean, std^2), not a single draw. Each image
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import LATENT_NORMALISATIONS
 from .images import _list_image_files, _open_image
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -38,6 +40,12 @@ FORMAT = "meanflow-latents"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 10_000
 POSTERIORS = ("sample", "mean")
+# How latents are normalised for the network: "vae" (z - shift) * scale with the VAE's own scaling
+# factor (DiT, MeanFlow), or "imf": per-channel (z - mean_c) / std_c with the statistics of the
+# official iMF code (utils/vae_util.py, SD-VAE ft-mse latents of ImageNet 256).
+NORMALISATIONS = LATENT_NORMALISATIONS
+IMF_LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
+IMF_LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VAE_CACHE: dict[tuple[str, str], Any] = {}
 
@@ -285,7 +293,7 @@ def read_metadata(path: str | Path, require_complete: bool = True) -> dict[str, 
 class LatentDataset:
     """A latent cache as a :class:`~meanflow.data.base.Dataset` of kind ``"latents"``.
 
-    ``get(index)`` returns float32 latents (B, C, h, w) normalised as ``(z - shift) * scale`` and
+    ``get(index)`` returns float32 latents (B, C, h, w), normalised (:func:`normalise`), and
     int64 labels (B,). With ``posterior="sample"`` z is a fresh posterior draw ``mean + std * e`` of a
     randomly chosen view (image or mirror image, when the cache has both); the draw comes from a
     generator seeded by (seed, the requested indices), so the same request gives the same latents
@@ -296,10 +304,12 @@ class LatentDataset:
 
     kind = "latents"
 
-    def __init__(self, path: str | Path, seed: int = 0, posterior: str = "sample", labels: bool = True):
+    def __init__(self, path: str | Path, seed: int = 0, posterior: str = "sample", labels: bool = True, normalisation: str = "vae"):
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}")
-        self.path, self.seed, self.posterior = Path(path), seed, posterior
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"latent normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+        self.path, self.seed, self.posterior, self.normalisation = Path(path), seed, posterior, normalisation
         self.meta = read_metadata(self.path)
         self._shards = [self._open_shard(shard) for shard in self.meta["shards"]]
         self._offsets = np.cumsum([0] + [s["count"] for s in self.meta["shards"]])
@@ -311,7 +321,12 @@ class LatentDataset:
         self.sample_shape = tuple(int(s) for s in self._shards[0].shape[3:])
         self.scale, self.shift = float(self.meta["latent_scale"]), float(self.meta.get("latent_shift", 0.0))
         self.info = {"source": "latents", "vae": self.meta["vae"], "latent_scale": self.scale, "latent_shift": self.shift,
-                     "image_size": self.meta["image_size"], "posterior": posterior}
+                     "image_size": self.meta["image_size"], "posterior": posterior, "latent_norm": normalisation}
+        if normalisation == "imf":
+            if self.sample_shape[0] != len(IMF_LATENT_MEAN):
+                raise ValueError(f"latent_norm=imf has statistics for {len(IMF_LATENT_MEAN)} latent channels (SD-VAE) but the cache "
+                                 f"{str(self.path)!r} has {self.sample_shape[0]}; use latent_norm=vae")
+            self.info |= {"latent_mean": list(IMF_LATENT_MEAN), "latent_std": list(IMF_LATENT_STD)}
 
     def _open_shard(self, shard: dict[str, Any]) -> np.ndarray:
         """Memory-mapped (n, V, 2, C, h, w) fp16 moments of one shard, shape-checked."""
@@ -331,7 +346,7 @@ class LatentDataset:
 
     def without_labels(self) -> LatentDataset:
         """The same latents as an unconditional data set (labels None, num_classes 0)."""
-        return LatentDataset(self.path, self.seed, self.posterior, labels=False)
+        return LatentDataset(self.path, self.seed, self.posterior, labels=False, normalisation=self.normalisation)
 
     def get(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents (B, C, h, w) float32 and labels (B,) int64 (or None) of the items ``index`` (B,)."""
@@ -346,7 +361,7 @@ class LatentDataset:
         if sample:
             z.addcmul_(moments[:, 1].float(), torch.randn(z.shape, generator=gen))
         labels = None if self.labels is None else self.labels[torch.from_numpy(rows)]
-        return z.sub_(self.shift).mul_(self.scale), labels
+        return normalise(z, self.info), labels
 
     def _read(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         """fp16 moments (B, 2, C, h, w) of global rows ``rows`` (B,) and views ``views`` (B,)."""
@@ -364,14 +379,15 @@ def _request_seed(seed: int, rows: np.ndarray) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def load_latent_dataset(path: str | Path, seed: int = 0, image_size: int | None = None, flip: bool = False) -> LatentDataset:
+def load_latent_dataset(path: str | Path, seed: int = 0, image_size: int | None = None, flip: bool = False,
+                        normalisation: str = "vae") -> LatentDataset:
     """The training set behind ``data.name=latents``: checks the data options against the cache."""
     if flip:
         raise ValueError(
             "data.flip=true would mirror latent tensors, which is not the latent of the mirrored image; set "
             "data.flip=false and encode the mirror images with meanflow encode --flip (training then picks a view at random)"
         )
-    data = LatentDataset(path, seed)
+    data = LatentDataset(path, seed, normalisation=normalisation)
     if image_size is not None and image_size != data.meta["image_size"]:
         raise ValueError(f"data.image_size={image_size} but the latent cache {str(path)!r} was encoded at {data.meta['image_size']}; remove data.image_size or re-encode")
     return data
@@ -380,27 +396,45 @@ def load_latent_dataset(path: str | Path, seed: int = 0, image_size: int | None 
 # --------------------------------------------------------------------------- decoding
 
 
+def normalise(z: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
+    """VAE latents (B, C, h, w) -> network inputs, in place: per-channel ``(z - mean_c) / std_c`` when
+    ``info`` records ``latent_mean`` / ``latent_std`` (iMF), else ``(z - shift) * scale``."""
+    if "latent_mean" in info:
+        mean, std = (torch.tensor(info[k], dtype=z.dtype, device=z.device)[:, None, None] for k in ("latent_mean", "latent_std"))
+        return z.sub_(mean).div_(std)
+    return z.sub_(float(info.get("latent_shift", 0.0))).mul_(float(info["latent_scale"]))
+
+
+def denormalise(x: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
+    """Network outputs (B, C, h, w) -> VAE latents: the inverse of :func:`normalise` (a new tensor)."""
+    if "latent_mean" in info:
+        mean, std = (torch.tensor(info[k], dtype=x.dtype, device=x.device)[:, None, None] for k in ("latent_mean", "latent_std"))
+        return x * std + mean
+    return x / float(info["latent_scale"]) + float(info.get("latent_shift", 0.0))
+
+
+
+
 @torch.no_grad()
 def decode(latents: torch.Tensor, info: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 32,
            vae: str | None = None) -> torch.Tensor:
     """Normalised latents (N, C, h, w) -> images (N, 3, H, W) float32 in [-1, 1] on the CPU.
 
-    Undoes the normalisation recorded in ``info`` (z = latents / scale + shift) and runs the decoder
+    Undoes the normalisation recorded in ``info`` (:func:`denormalise`) and runs the decoder
     of ``info["vae"]`` (or ``vae``, e.g. a local copy when the recorded path moved).
     """
-    missing = [k for k in ("vae", "latent_scale") if k not in info]
-    if missing and not (vae and "latent_scale" in info):
+    missing = [k for k, present in (("vae", vae or "vae" in info), ("latent_scale", "latent_scale" in info or "latent_mean" in info)) if not present]
+    if missing:
         raise ValueError(f"the data info has no {', '.join(missing)}: these samples do not come from a latent data set")
     model = load_vae(vae or info["vae"], device)
-    scale, shift = float(info["latent_scale"]), float(info.get("latent_shift", 0.0))
     images = []
     for chunk in latents.split(batch_size):
-        z = chunk.to(device=device, dtype=torch.float32) / scale + shift  # (b, C, h, w)
+        z = denormalise(chunk.to(device=device, dtype=torch.float32), info)  # (b, C, h, w)
         images.append(model.decode(z).sample.clamp(-1.0, 1.0).float().cpu())  # (b, 3, H, W)
     return torch.cat(images)
 
 
 __all__ = [
-    "DEFAULT_VAE", "METADATA_FILE", "LatentDataset", "adm_center_crop", "decode", "encode_folder", "load_latent_dataset",
-    "load_vae", "read_metadata",
+    "DEFAULT_VAE", "IMF_LATENT_MEAN", "IMF_LATENT_STD", "METADATA_FILE", "NORMALISATIONS", "LatentDataset", "adm_center_crop",
+    "decode", "denormalise", "encode_folder", "load_latent_dataset", "load_vae", "normalise", "read_metadata",
 ]

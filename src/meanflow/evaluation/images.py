@@ -20,18 +20,20 @@ from ..metrics.frechet import feature_statistics, frechet_distance, load_stats
 from ..metrics.image_metrics import inception_score
 from ..metrics.inception import InceptionFeatures
 from ..runtime.distributed import DistInfo, gather_objects
-from ..sampling import decode_samples, iterate_samples, nfe
+from ..sampling import decode_samples, guidance_inputs, iterate_samples, nfe
 
 
 def evaluate_images(
     model: nn.Module, meta: dict, train_set: Dataset, reference: Dataset | None, plan: list[tuple[str, int]],
     num: int, seed: int, info: DistInfo, fid_stats: str | None = None, inception_weights: str | None = None,
-    batch_size: int = 500, save_samples: str | None = None,
+    batch_size: int = 500, save_samples: str | None = None, omega: float | None = None,
+    interval: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Metrics for each (method, steps) of ``plan`` on ``num`` samples (classes cycled for conditional models).
 
     ``save_samples``: a path stem; the uint8 NHWC samples of each sampler are written to
     ``<stem>_<method>_<steps>nfe.npz`` (arrays ``samples`` and, when conditional, ``labels``).
+    ``omega`` / ``interval``: guidance inputs of iMF-style models; each entry records the values used.
     Returns {name: metrics} on rank 0 and {} on the other ranks.
     """
     data = meta["data"]
@@ -45,11 +47,14 @@ def evaluate_images(
     real_stats = _digits_reference(extractors["digits"], reference or train_set) if "digits" in extractors else None
     results = {}
     for method, steps in plan:
-        features = _features(model, data, extractors, method, steps, num, seed, batch_size, info, keep=bool(save_samples))
+        guidance = guidance_inputs(model, steps, omega, interval)
+        features = _features(model, data, extractors, method, steps, num, seed, batch_size, info, keep=bool(save_samples), guidance=guidance)
         if info.is_main and save_samples:
             _save(f"{save_samples}_{method}_{steps}nfe.npz", features.pop("images"))
         if info.is_main:
             entry: dict[str, Any] = {"method": method, "nfe": nfe(steps, method)}
+            if guidance:
+                entry.update(omega=guidance["omega"], interval=[guidance["t_min"], guidance["t_max"]])
             if "digits" in features:
                 entry.update(_digits_metrics(features["digits"], real_stats, len(reference or train_set)))
             if "inception" in features:
@@ -59,14 +64,15 @@ def evaluate_images(
 
 
 def _features(model, data: dict, extractors: dict, method: str, steps: int, num: int, seed: int, batch_size: int,
-              info: DistInfo, keep: bool = False) -> dict[str, Any]:
+              info: DistInfo, keep: bool = False, guidance: dict[str, float] | None = None) -> dict[str, Any]:
     """{extractor: {"pool": (N, D), "logits": (N, K), "labels": (N,) or None}} over all processes,
-    plus "images": ((N, H, W, C) uint8, labels) when ``keep``."""
+    plus "images": ((N, H, W, C) uint8, labels) when ``keep``. ``guidance``: from :func:`guidance_inputs`."""
     local = []
+    options = {"omega": guidance["omega"], "interval": (guidance["t_min"], guidance["t_max"])} if guidance else {}
     for i, samples, labels in iterate_samples(model, num, tuple(data["sample_shape"]), steps, method,
                                               num_classes=data["num_classes"], seed=seed, batch_size=batch_size,
                                               device=info.device, progress=info.is_main, rank=info.rank,
-                                              world_size=info.world_size):
+                                              world_size=info.world_size, **options):
         if data["kind"] == "latents":
             samples = decode_samples(samples, data["info"], info.device)
         images = to_uint8(samples.cpu())  # (b, H, W, C)

@@ -15,7 +15,7 @@ from .. import objectives
 from ..config import load_config
 from ..data import load_dataset
 from ..metrics.pointcloud import energy_distance, sliced_wasserstein
-from ..models.loading import load_model
+from ..models.loading import OFFICIAL_SUFFIXES, load_model
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
 from ..sampling import generate, nfe
@@ -35,12 +35,12 @@ def sampler_plan(objective: str, eval_steps: list[int], ode_steps: int) -> list[
 
 def evaluate_points(
     model: nn.Module, reference: torch.Tensor, plan: list[tuple[str, int]], num: int, seed: int,
-    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None,
+    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None, **guidance,
 ) -> dict[str, Any]:
     """Sliced W2 and energy distance of samples from each sampler vs held-out points (N, D).
 
     ``train_points`` (optional) gives the noise floor: the same metrics between training data and the
-    reference at equal sample count.
+    reference at equal sample count. ``guidance``: ``omega`` / ``interval`` for iMF-style models.
     """
     ref = reference[:num].double()
     results: dict[str, Any] = {}
@@ -50,7 +50,7 @@ def evaluate_points(
         return {"sliced_w2": sliced_wasserstein(x.double(), ref, generator=gen), "energy_distance": energy_distance(x.double(), ref)}
 
     for method, steps in plan:
-        samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, device=device)
+        samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, device=device, **guidance)
         results[f"{method}_{steps}nfe"] = {"method": method, "nfe": nfe(steps, method), **score(samples)}
     if train_points is not None:
         results["data_floor"] = {"method": "training data", "nfe": 0, **score(train_points[: ref.shape[0]])}
@@ -60,7 +60,8 @@ def evaluate_points(
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
                  ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
-                 info=None, save_samples: str | None = None, preview: Path | None = None) -> dict[str, Any]:
+                 info=None, save_samples: str | None = None, preview: Path | None = None, omega: float | None = None,
+                 interval: tuple[float, float] | None = None) -> dict[str, Any]:
     """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
 
     Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
@@ -68,8 +69,15 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     data), and FID / Inception Score against ``fid_stats`` when given (see docs/EVALUATION.md).
     ``info`` (a DistInfo) defaults to the torchrun environment: every process samples its share.
     ``preview``: also write a 1-NFE preview PNG there (see :func:`save_preview`), from the same model.
+    ``omega`` / ``interval``: guidance inputs of iMF-style models (defaults: the model's own).
+    A released iMF checkpoint (``*.pth``) has no run around it: it is scored with FID / IS against
+    ``fid_stats`` at ``steps`` (default 1) NFE on ``num`` (default 50000) samples.
     """
     info = info or D.setup(str(device))
+    guidance = {"omega": omega, "interval": interval}
+    if Path(run).suffix in OFFICIAL_SUFFIXES:
+        return _evaluate_official(Path(run), steps or [1], num or 50_000, seed or 0, fid_stats, inception_weights, batch_size or 250,
+                                  save_samples, info, guidance)
     directory = ckpt.resolve_checkpoint(run)
     model, meta = load_model(directory, ema=ema, device=info.device)
     cfg = load_config(str(directory / "config.yaml"))
@@ -87,7 +95,19 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
             raise ValueError("this data set has no held-out reference points to compare with")
         ref, _ = reference.get(torch.arange(min(num, len(reference))))
         floor, _ = train_set.get(torch.arange(min(num, len(train_set))))
-        return {**header, "results": evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor)}
+        return {**header, "results": evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor, **guidance)}
     options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size,
-                   save_samples=save_samples)
+                   save_samples=save_samples, **guidance)
     return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}
+
+
+def _evaluate_official(path: Path, steps: list[int], num: int, seed: int, fid_stats: str | None, inception_weights: str | None,
+                       batch_size: int, save_samples: str | None, info, guidance: dict) -> dict[str, Any]:
+    """FID / IS of a released iMF checkpoint (no run directory, no held-out data: ``fid_stats`` is required)."""
+    if not fid_stats:
+        raise ValueError(f"{str(path)!r} is a released iMF checkpoint without reference data: pass --fid-stats REF.npz (ImageNet 256 statistics)")
+    model, meta = load_model(path, device=info.device)
+    header = {"checkpoint": str(path), "step": None, "weights": "released", "objective": "imf", "data": "imagenet", "num_samples": num, "seed": seed}
+    results = evaluate_images(model, meta, None, None, [("meanflow", k) for k in steps], num, seed, info, fid_stats=fid_stats,
+                              inception_weights=inception_weights, batch_size=batch_size, save_samples=save_samples, **guidance)
+    return {**header, "processes": info.world_size, "results": results}

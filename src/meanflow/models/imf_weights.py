@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.latents import DEFAULT_VAE, IMF_LATENT_MEAN, IMF_LATENT_STD
 from .imf_dit import IMF_PRESETS, IMFDiT
 from .registry import create
 
@@ -121,3 +122,15 @@ def load_checked(model: IMFDiT, state: dict[str, torch.Tensor], source: str) -> 
     if problems:
         raise ValueError(f"official iMF weights in {source} do not fit {getattr(model, 'preset', 'the iMF model')}: " + " | ".join(problems))
     model.load_state_dict(state)
+
+
+def official_meta(model: IMFDiT) -> dict:
+    """Checkpoint meta (as a run records it) for a released iMF model: ImageNet 256 as SD-VAE ft-mse
+    latents with iMF's per-channel normalisation, so ``meanflow sample`` decodes its samples."""
+    channels, (height, width) = model.in_channels, model.input_size
+    info = {"source": "latents", "vae": DEFAULT_VAE, "image_size": 8 * height, "latent_norm": "imf",
+            "latent_mean": list(IMF_LATENT_MEAN), "latent_std": list(IMF_LATENT_STD)}
+    return {"format": 1, "source": "official iMF checkpoint", "step": None, "objective": "imf",
+            "model": {"name": model.preset, "kwargs": {"v_head": False}},
+            "data": {"name": "imagenet", "kind": "latents", "sample_shape": [channels, height, width],
+                     "num_classes": model.num_classes, "info": info}}

@@ -13,7 +13,10 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..runtime import checkpoint as ckpt
+from .imf_weights import load_official_imf, official_meta
 from .registry import available, create
+
+OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF weights (torch.save of a state dict)
 
 
 def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -62,9 +65,13 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     """(eval-mode model, checkpoint meta) from a run dir, checkpoint dir or ``*.safetensors`` file.
 
     ``ema=True`` loads ``ema.safetensors`` (the field's convention for reported numbers); a
-    ``*.safetensors`` path loads exactly that file.
+    ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file is read as a released
+    iMF checkpoint (:mod:`meanflow.models.imf_weights`).
     """
     path = Path(path)
+    if path.suffix in OFFICIAL_SUFFIXES and path.is_file():
+        model = load_official_imf(path, device=device)
+        return model, official_meta(model)
     directory = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(directory)
     weights_file = path if path.suffix == ".safetensors" else directory / ("ema.safetensors" if ema else "model.safetensors")

@@ -68,9 +68,9 @@ def _run_sampler(model, noise, steps: int, method: str, labels, guidance: dict[s
     return ode_sample(model, noise, steps=steps, labels=labels, method=method, **options)
 
 
-def decode_samples(samples: torch.Tensor, info: dict, device="cpu") -> torch.Tensor:
-    """Latents -> images in [-1, 1] through the VAE recorded in the data info."""
-    return decode(samples, info, device=device)
+def decode_samples(samples: torch.Tensor, info: dict, device="cpu", vae: str | None = None) -> torch.Tensor:
+    """Latents -> images in [-1, 1] through the VAE recorded in the data info (or ``vae``, a local copy)."""
+    return decode(samples, info, device=device, vae=vae)
 
 
 __all__ = ["decode_samples", "generate", "iterate_samples"]
