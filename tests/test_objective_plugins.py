@@ -118,3 +118,15 @@ def test_cli_lists_each_objectives_options(capsys):
     text = capsys.readouterr().out
     assert "objective.weight_power=0.0" in text and "objective.ratio" not in text
     assert main(["objectives", "--kind", "consistency"]) == 2
+
+
+@pytest.mark.parametrize("tangent, dr, dt", [("v01", 0.0, 1.0), ("v00", 0.0, 0.0), ("v10", 1.0, 0.0)])
+def test_tangent_ablation_option_differentiates_along_the_named_tangent(tangent, dr, dt):
+    torch.manual_seed(0)
+    net = TanhNet().double()
+    out = MeanFlowLoss(ratio=0.5, tangent=tangent).targets(net, torch.randn(16, 3, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
+    d, rows = out.draws, out.draws.jvp_index
+    ones = torch.ones(rows.numel(), dtype=torch.float64)
+    ref = _fd(net, out.z[rows], d.r[rows], d.t[rows], out.v[rows], dr * ones, dt * ones)
+    torch.testing.assert_close(out.dudt[rows], ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(out.target[rows], out.v[rows] - (d.t - d.r)[rows, None] * ref, rtol=1e-7, atol=1e-9)

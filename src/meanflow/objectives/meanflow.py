@@ -25,6 +25,9 @@ from .guidance import GuidanceOptions
 from .path import _expand, conditional_velocity, interpolate
 from .time_samplers import PairTimeOptions
 
+#: JVP tangents (dr, dt) beside v on z: the MeanFlow identity needs (v, 0, 1); the others are ablations
+TANGENTS = {"v01": (0.0, 1.0), "v00": (0.0, 0.0), "v10": (1.0, 0.0)}
+
 
 @register
 class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, GuidanceOptions, PairTimeOptions):
@@ -33,7 +36,7 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
     Options (keyword arguments; the same names as the config's ``objective.*``): ``ratio``,
     the time sampler (``time_sampler``, ``mu``, ``sigma``, ``r_mu``, ``r_sigma``), guidance
     (``omega``, ``kappa``, ``t_start``, ``t_end``), ``label_drop``,
-    ``independent_label_drop``, the adaptive weight (``weight_power``, ``weight_eps``) and
+    ``independent_label_drop``, ``tangent`` (ablation only), the adaptive weight (``weight_power``, ``weight_eps``) and
     ``jvp``. ``MeanFlowLoss.option_set()`` lists them with defaults and ranges.
 
     The model must be callable as ``model(z, r, t, labels)`` and, when labels are used, expose
@@ -45,6 +48,10 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
     independent_label_drop = Option(
         False, doc="drop labels on any row, independently of r != t (older behaviour, for comparison; the official "
         "codes drop on r = t rows only)",
+    )
+    tangent = Option(
+        "v01", choices=tuple(TANGENTS), doc="JVP tangent on (z, r, t): v01 = (v, 0, 1) is MeanFlow's; v00 and v10 are "
+        "deliberately wrong, for the tangent ablation only",
     )
 
     def draw(self, x: torch.Tensor, generator: torch.Generator | None = None, shard: Shard | None = None) -> Draws:
@@ -79,7 +86,8 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
     def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor,
                  cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u, target and du/dt (B, ...) with the JVP on ``rows``; target math in float32 (float64 for float64 z)."""
-        out = jvp(model, z, r, t, labels, rows, Tangent(z=v[rows].to(z.dtype)), mode=self.jvp, conditioning=cond)
+        dr, dt = TANGENTS[self.tangent]
+        out = jvp(model, z, r, t, labels, rows, Tangent(z=v[rows].to(z.dtype), t=dt, r=dr), mode=self.jvp, conditioning=cond)
         dtype = target_dtype(z)
         u, du = out.u.to(dtype), out.du.to(dtype)
         target = v.to(dtype).clone()
