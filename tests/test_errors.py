@@ -16,6 +16,7 @@ from meanflow.runtime import checkpoint as ckpt
 
 TINY = ["model.kwargs={width: 16, depth: 1}", "data.num_samples=256", "data.holdout=64", "train.batch_size=32",
         "train.steps=2", "train.checkpoint_every=2", "eval.num_samples=64"]
+POINTS = [item for item in TINY if not item.startswith("data.num_samples")]  # a points file has its own size
 
 
 def _points(tmp: Path, name: str, array) -> str:
@@ -31,29 +32,29 @@ def _trained_run(tmp: Path) -> Path:
 
 
 def _case_missing_file(tmp):
-    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={tmp / 'nope.npy'}", *TINY], ["nope.npy"]
+    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={tmp / 'nope.npy'}", *POINTS], ["nope.npy"]
 
 
 def _case_empty_file(tmp):
     (tmp / "empty.csv").write_text("")
-    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={tmp / 'empty.csv'}", *TINY], ["empty"]
+    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={tmp / 'empty.csv'}", *POINTS], ["empty"]
 
 
 def _case_nan_data(tmp):
     x = np.random.default_rng(0).normal(size=(300, 2))
     x[17, 1] = np.nan
-    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_points(tmp, 'nan.npy', x)}", *TINY], ["NaN"]
+    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_points(tmp, 'nan.npy', x)}", *POINTS], ["NaN"]
 
 
 def _case_inf_data(tmp):
     x = np.random.default_rng(0).normal(size=(300, 2))
     x[3, 0] = np.inf
-    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_points(tmp, 'inf.npy', x)}", *TINY], ["inf"]
+    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_points(tmp, 'inf.npy', x)}", *POINTS], ["inf"]
 
 
 def _case_wrong_ndim(tmp):
     x = np.random.default_rng(0).normal(size=(300, 2, 2))
-    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_points(tmp, 'cube.npy', x)}", *TINY], ["(N, D)"]
+    return ["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_points(tmp, 'cube.npy', x)}", *POINTS], ["(N, D)"]
 
 
 def _case_model_dim(tmp):
@@ -125,7 +126,7 @@ def _case_corrupt_checkpoint(tmp):
 
 def _case_label_out_of_range(tmp):
     run = tmp / "digits"
-    assert main(["train", "--out", str(run), "--no-eval", "data.name=points", f"data.path={_labelled_points(tmp)}", *TINY]) == 0
+    assert main(["train", "--out", str(run), "--no-eval", "data.name=points", f"data.path={_labelled_points(tmp)}", *POINTS]) == 0
     return ["sample", "--run", str(run), "--class", "7", "--out", str(tmp / "s.npz")], ["class labels", "[0, 2]"]
 
 
@@ -137,6 +138,32 @@ def _case_no_checkpoint(tmp):
 def _case_bad_sample_suffix(tmp):
     run = _trained_run(tmp)
     return ["sample", "--run", str(run), "--out", str(tmp / "s.txt")], [".npz or .png"]
+
+
+def _case_key_not_read_by_source(tmp):
+    return ["train", "--out", str(tmp / "o"), *POINTS, "data.path=my.npy"], ["data.path", "checkerboard", "did you mean data.name=points"]
+
+
+def _case_flip_on_points(tmp):
+    return ["train", "--out", str(tmp / "o"), *TINY, "data.flip=true"], ["data.flip", "not read", "checkerboard", "digits"]
+
+
+def _case_image_flag_on_point_run(tmp):
+    run = _trained_run(tmp)
+    return ["eval", "--run", str(run), "--fid-stats", str(tmp / "missing.npz")], ["--fid-stats", "points", "drop --fid-stats"]
+
+
+def _case_resume_with_config(tmp):
+    run = _trained_run(tmp)
+    return ["train", "--resume", str(run), "--config", "digits"], ["--config", "--resume", "config.yaml"]
+
+
+def _case_fid_stats_flag_not_read(tmp):
+    return ["fid-stats", str(tmp), "--image-size", "8", "--out", str(tmp / "s.npz")], ["--image-size", "digits", "drop"]
+
+
+def _case_models_flag_not_read(tmp):
+    return ["models", "--name", "mlp", "--input-size", "8"], ["--input-size", "image models", "vectors"]
 
 
 def _labelled_points(tmp: Path) -> str:

@@ -111,7 +111,7 @@ def test_encode_writes_shards_and_metadata(setup):
         moments = np.load(cache / shard["latents"])
         assert moments.dtype == np.float16 and moments.shape == (shard["count"], 2, 2, 4, SIZE // 2, SIZE // 2)
         assert np.load(cache / shard["labels"]).dtype == np.int64
-    assert not list(cache.glob("*.tmp"))
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob(".tmp-*"))
 
 
 def test_stored_moments_match_a_direct_encoding_of_image_and_mirror(setup):

@@ -140,6 +140,16 @@ class Config:
         return {**dataclasses.asdict(self), "objective": self.objective.to_dict()}
 
 
+# data.* keys each data source reads besides ``name`` and ``conditional``; filed by meanflow.data,
+# which owns the sources (see :func:`register_data_source`)
+_DATA_READS: dict[str, tuple[str, ...]] = {}
+
+
+def register_data_source(name: str, reads: tuple[str, ...]) -> None:
+    """File which ``data.*`` keys source ``name`` reads (so an override of data.name can drop the others)."""
+    _DATA_READS[name] = tuple(reads)
+
+
 CHOICES = {
     "data.latent_norm": LATENT_NORMALISATIONS,
     "train.optimizer": ("adam", "adamw"),
@@ -161,6 +171,9 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     kinds = [value for key, value in pairs if key == "objective.kind"]
     if kinds:
         _keep_options_read_by(raw, kinds[-1])
+    sources = [value for key, value in pairs if key == "data.name"]
+    if sources:
+        _keep_data_keys_read_by(raw, sources[-1])
     for key, value in pairs:
         _set_nested(raw, key, value)
     return from_dict(raw)
@@ -173,6 +186,15 @@ def _keep_options_read_by(raw: dict[str, Any], kind: Any) -> None:
         return
     reads = opts.lookup("objective", kind).options
     raw["objective"] = {k: v for k, v in section.items() if k == "kind" or k in reads}
+
+
+def _keep_data_keys_read_by(raw: dict[str, Any], name: Any) -> None:
+    """Drop the preset's data keys that source ``name`` does not read (data.name overridden): they
+    belonged to the preset's source. Keys given on the command line are still checked."""
+    section = raw.get("data")
+    if not isinstance(section, dict) or name not in _DATA_READS:
+        return
+    raw["data"] = {k: v for k, v in section.items() if k in ("name", "conditional", *_DATA_READS[name])}
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=None, help="number of samples (default: config eval.num_samples)")
     p.add_argument("--method", default=None, choices=("meanflow", "euler", "heun"), help="only this sampler (default: MeanFlow + ODE baseline)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA (default: the run's eval.ema)")
     p.add_argument("--fid-stats", default=None, metavar="REF.npz", help="reference statistics (mu, sigma) for FID / IS with Inception features")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help="pt_inception-2015-12-05 weights file (or env MEANFLOW_INCEPTION_WEIGHTS)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: config eval.batch_size)")
@@ -33,7 +33,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
-                           ema=not args.raw, device=args.device, method=args.method, fid_stats=args.fid_stats,
+                           ema=False if args.raw else None, device=args.device, method=args.method, fid_stats=args.fid_stats,
                            inception_weights=args.inception_weights, batch_size=args.batch_size,
                            save_samples=args.save_samples, omega=args.omega, interval=args.interval)
     if process_rank() != 0:

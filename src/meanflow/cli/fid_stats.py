@@ -20,6 +20,7 @@ from ..data.points import read_array_file
 from ..metrics import DigitsClassifier, InceptionFeatures, image_statistics, images_to_nchw, save_stats
 
 DATASET_SOURCES = ("digits", "cifar10")
+DEFAULT_DATA_ROOT = "data"
 _NPZ_KEYS = ("arr_0", "samples", "images", "x")
 
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, help="FID Inception weights file (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--num", type=int, default=None, help="use only the first NUM images")
     p.add_argument("--image-size", type=int, default=None, help="resolution for the digits data set (default 16)")
-    p.add_argument("--data-root", default="data", help="torchvision data directory for cifar10")
+    p.add_argument("--data-root", default=None, help=f"torchvision data directory for cifar10 (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10 when missing")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default=None, help="device for the feature network (default: cuda if available)")
@@ -74,7 +75,7 @@ def _dataset_images(args: argparse.Namespace) -> torch.Tensor:
     if args.source == "digits":
         return load_digits(args.image_size).x[: args.num]
     try:
-        return load_torchvision("cifar10", args.data_root, train=True, download=args.download).x[: args.num]
+        return load_torchvision("cifar10", args.data_root or DEFAULT_DATA_ROOT, train=True, download=args.download).x[: args.num]
     except RuntimeError as err:
         raise RuntimeError(f"{err}; for fid-stats the options are --download and --data-root DIR") from err
 
@@ -92,7 +93,19 @@ def image_source(args: argparse.Namespace, mode: str):
                             f"nor one of {', '.join(DATASET_SOURCES)}")
 
 
+def check_flags_apply(args: argparse.Namespace) -> None:
+    """ValueError for a flag the chosen SOURCE or --feature does not read, naming what does."""
+    readers = {"--image-size": ("digits", args.image_size is not None), "--data-root": ("cifar10", args.data_root is not None),
+               "--download": ("cifar10", args.download)}
+    for flag, (source, given) in readers.items():
+        if given and args.source != source:
+            raise ValueError(f"{flag} is read only for SOURCE {source}, not {args.source!r}; drop {flag}")
+    if args.weights is not None and args.feature != "inception":
+        raise ValueError(f"--weights (Inception weights) is read only with --feature inception, not --feature {args.feature}; drop --weights")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_flags_apply(args)
     if args.feature == "inception":
         extractor, mode = InceptionFeatures(args.weights, device=args.device, batch_size=args.batch_size), "RGB"
     else:

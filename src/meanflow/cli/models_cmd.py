@@ -2,8 +2,8 @@
 
 Models are built on PyTorch's "meta" device, so even DiT-XL/2 is counted instantly without
 allocating memory. Image presets are sized by ``--input-size``, ``--channels`` and
-``--num-classes``; each family has its own defaults (DiT: 4x32x32 latents, 1000 classes;
-U-Net: 3x32x32 images, unconditional).
+``--num-classes``; otherwise each preset is shown at its family's example sizes (registered with
+the family: DiT 4x32x32 latents, 1000 classes; U-Net 3x32x32 images, unconditional; MLP 2-D).
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import argparse
 import torch
 
 from ..models import available, create
-
-# preset-name prefix -> default (input_size, channels, num_classes)
-FAMILY_DEFAULTS = {"dit-": (32, 4, 1000), "imf-": (32, 4, 1000), "unet-": (32, 3, 0)}
+from ..models.registry import family
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,15 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def preset_kwargs(name: str, input_size: int | None, channels: int | None, num_classes: int | None) -> dict:
-    """Constructor arguments for one preset: the user's values where given, else the family defaults."""
-    for prefix, (size, chans, classes) in FAMILY_DEFAULTS.items():
-        if name.startswith(prefix):
-            return dict(
-                input_size=size if input_size is None else input_size,
-                in_channels=chans if channels is None else channels,
-                num_classes=classes if num_classes is None else num_classes,
-            )
-    return {} if num_classes is None else dict(num_classes=num_classes)
+    """Constructor arguments for one preset: the user's values where given, else its family's example sizes."""
+    given = {"input_size": input_size, "in_channels": channels, "num_classes": num_classes}
+    example = family(name).example
+    return {**example, **{k: v for k, v in given.items() if v is not None and (k in example or k == "num_classes")}}
 
 
 def count_parameters(name: str, **kwargs) -> tuple[torch.nn.Module, int]:
@@ -48,11 +41,17 @@ def count_parameters(name: str, **kwargs) -> tuple[torch.nn.Module, int]:
     return model, sum(p.numel() for p in model.parameters())
 
 
-def describe_input(model: torch.nn.Module) -> str:
+def describe_input(name: str, kwargs: dict) -> str:
     """'CxHxW' for image models, the vector width for point models."""
-    if hasattr(model, "input_size"):
-        return "x".join(str(s) for s in (model.in_channels, *model.input_size))
-    return str(getattr(model, "dim", "-"))
+    return "x".join(str(s) for s in family(name).sample_shape(kwargs))
+
+
+def _check_flags_apply(args: argparse.Namespace, names: list[str]) -> None:
+    """--input-size / --channels size image models only: an error when no listed preset takes images."""
+    given = [flag for flag, value in (("--input-size", args.input_size), ("--channels", args.channels)) if value is not None]
+    if given and all(family(name).input_kind != "images" for name in names):
+        raise ValueError(f"{' and '.join(given)} size image models, but the presets matching --name {args.name!r} "
+                         f"({', '.join(names)}) take vectors; drop {' and '.join(given)} or choose an image model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
     names = [name for name in available() if args.name.lower() in name]
     if not names:
         raise ValueError(f"no model preset matches {args.name!r}; available: {', '.join(available())}")
-    print(f"{'preset':<14}{'family':<8}{'input':<11}{'classes':>8}  parameters")
+    _check_flags_apply(args, names)
+    print(f"{'preset':<14}{'family':<8}{'input':<11}{'classes':>8}{'jvp':>6}  parameters")
     for name in names:
+        kwargs = preset_kwargs(name, args.input_size, args.channels, args.num_classes)
         try:
-            model, count = count_parameters(name, **preset_kwargs(name, args.input_size, args.channels, args.num_classes))
+            model, count = count_parameters(name, **kwargs)
         except (ValueError, TypeError) as err:
             print(f"{name:<14}n/a: {err}")
             continue
-        family = type(model).__name__
-        classes = getattr(model, "num_classes", 0)
-        print(f"{name:<14}{family:<8}{describe_input(model):<11}{classes:>8}  {count / 1e6:8.1f}M  ({count:,})")
+        fam = family(name)
+        jvp = "dual" if fam.fast_jvp else "fwAD"
+        print(f"{name:<14}{fam.name:<8}{describe_input(name, kwargs):<11}{model.num_classes:>8}{jvp:>6}  {count / 1e6:8.1f}M  ({count:,})")
     return 0

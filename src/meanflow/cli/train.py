@@ -8,15 +8,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import load_config
+from ..config import available_configs, load_config
+from ..data import check_keys_read
 from ..evaluation import evaluate_run
 from ..runtime.distributed import DistInfo, process_rank
 from ..training.trainer import train
 
 
+DEFAULT_CONFIG = "toy"
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a MeanFlow / Flow Matching model", description=__doc__)
-    p.add_argument("--config", default="toy", help="preset name (see `meanflow configs`) or a YAML file (default: toy)")
+    p.add_argument("--config", default=None,
+                   help=f"preset name ({', '.join(available_configs())}) or a YAML file (default: {DEFAULT_CONFIG})")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest complete checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -27,14 +32,17 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
+        _check_resume_flags(args)
         out = Path(args.resume)
         source = out / "config.yaml"
         if not source.exists():
             raise FileNotFoundError(f"--resume {out}: no config.yaml there (is it a run directory?)")
         cfg = load_config(str(source), args.overrides)
     else:
-        cfg = load_config(args.config, args.overrides)
-        out = Path(args.out or Path("runs") / Path(args.config).stem)
+        name = args.config or DEFAULT_CONFIG
+        cfg = load_config(name, args.overrides)
+        out = Path(args.out or Path("runs") / Path(name).stem)
+    check_keys_read(cfg.data)
     if args.dry_run:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
@@ -42,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_eval and process_rank() == 0:
         finish_run(out)
     return 0
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """--config and --out would be ignored by --resume (the run keeps its own config and directory)."""
+    given = [flag for flag, value in (("--config", args.config), ("--out", args.out)) if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} cannot be combined with --resume {args.resume}: a resumed run keeps its "
+                         f"directory and its config.yaml; drop {' and '.join(given)} (change settings with key=value overrides)")
 
 
 def finish_run(out: Path) -> None:

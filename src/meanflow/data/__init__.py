@@ -2,12 +2,14 @@
 (train, reference)`` (:class:`~meanflow.data.base.Dataset`; reference = held-out data or None; docs/DATA.md)."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig, register_data_source
 from .base import KINDS, Dataset, TensorDataset
 from .images import load_digits, load_image_folder, load_npz_images, load_torchvision, random_flip, save_grid, to_uint8
 from .latents import load_latent_dataset
@@ -27,12 +29,39 @@ def load_dataset(cfg: DataConfig, seed: int, root: str = "data") -> tuple[Datase
     ``seed`` fixes toy samples and the train/reference splits; ``root`` is the directory for
     torchvision data when ``cfg.path`` is not given. ``cfg.conditional=False`` drops the labels.
     """
-    if cfg.name not in _LOADERS:
-        raise ValueError(f"unknown data set {cfg.name!r}; choose one of {', '.join(DATASETS)}")
-    train, reference = _LOADERS[cfg.name](cfg, seed, root)
+    check_keys_read(cfg)
+    train, reference = SOURCES[cfg.name].load(cfg, seed, root)
     if not cfg.conditional:
         train, reference = train.without_labels(), None if reference is None else reference.without_labels()
     return train, reference
+
+
+def check_keys_read(cfg: DataConfig) -> None:
+    """ConfigError for an unknown source, or a ``data.*`` key set away from its default that source
+    ``cfg.name`` does not read."""
+    if cfg.name not in SOURCES:
+        raise ConfigError(f"unknown data set {cfg.name!r}; choose one of {', '.join(SOURCES)}")
+    source = SOURCES[cfg.name]
+    for spec in dataclasses.fields(DataConfig):
+        key, value = spec.name, getattr(cfg, spec.name)
+        if key in ("name", "conditional", *source.reads) or value == spec.default:
+            continue
+        reads = ", ".join(f"data.{k}" for k in source.reads) or "no other data key"
+        raise ConfigError(f"data.{key}={value!r} is not read by data.name={cfg.name} ({source.about}; it reads {reads}); "
+                          f"{_likely_fix(key, value)}")
+
+
+def _likely_fix(key: str, value) -> str:
+    """The probable intent behind a key the chosen source ignores."""
+    if key == "path":
+        path = Path(str(value))
+        guess = ("latents" if (path / "latents.json").exists() else "folder") if path.is_dir() else \
+            {".npy": "points", ".npz": "points", ".csv": "points"}.get(path.suffix.lower())
+        if guess:
+            alternative = " (or data.name=npz for uint8 images)" if path.suffix.lower() in (".npy", ".npz") else ""
+            return f"did you mean data.name={guess}{alternative}?"
+    readers = sorted({"a toy distribution" if s is _TOY else n for n, s in SOURCES.items() if key in s.reads})
+    return f"remove data.{key}, or choose a data.name that reads it: {', '.join(readers)}"
 
 
 def _subset(data: TensorDataset, index: torch.Tensor) -> TensorDataset:
@@ -95,24 +124,40 @@ def _load_latents(cfg: DataConfig, seed: int, root: str) -> tuple[Dataset, None]
     return load_latent_dataset(_require_path(cfg), seed, cfg.image_size, cfg.flip, cfg.latent_norm), None
 
 
-_LOADERS: dict[str, Loader] = {
-    **{name: _load_toy for name in TOY_DATASETS},
-    "points": _load_points,
-    "digits": _load_digits,
-    "folder": _load_folder,
-    "npz": _load_npz,
-    "cifar10": _load_torchvision,
-    "mnist": _load_torchvision,
-    "latents": _load_latents,
+@dataclass(frozen=True)
+class Source:
+    """A data source: its loader, the ``data.*`` keys it reads (besides ``name`` and ``conditional``,
+    read for all) and a few words on what it is, for error messages."""
+
+    load: Loader
+    reads: tuple[str, ...]
+    about: str
+
+
+_IMAGE_KEYS = ("image_size", "flip")
+_TOY = Source(_load_toy, ("num_samples", "holdout"), "a built-in toy distribution")
+SOURCES: dict[str, Source] = {
+    **{name: _TOY for name in TOY_DATASETS},
+    "points": Source(_load_points, ("path", "holdout"), "points from a .npy/.npz/.csv file"),
+    "digits": Source(_load_digits, _IMAGE_KEYS, "scikit-learn's digits images"),
+    "folder": Source(_load_folder, ("path", *_IMAGE_KEYS), "an image folder"),
+    "npz": Source(_load_npz, ("path", *_IMAGE_KEYS), "images from a .npz/.npy file"),
+    "cifar10": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "CIFAR-10 through torchvision"),
+    "mnist": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "MNIST through torchvision"),
+    "latents": Source(_load_latents, ("path", *_IMAGE_KEYS), "a VAE latent cache from meanflow encode"),
 }
-DATASETS = tuple(_LOADERS)
+for _name, _source in SOURCES.items():
+    register_data_source(_name, _source.reads)
+DATASETS = tuple(SOURCES)
 
 __all__ = [
     "DATASETS",
+    "SOURCES",
     "KINDS",
     "TOY_DATASETS",
     "Dataset",
     "TensorDataset",
+    "check_keys_read",
     "load_dataset",
     "load_digits",
     "load_image_folder",

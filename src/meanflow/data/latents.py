@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import LATENT_NORMALISATIONS
+from ..runtime.files import atomic_path
 from .images import _list_image_files, _open_image
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -251,18 +251,13 @@ def _encode_shards(model, files, labels, pending: list[int], meta, out: Path, ba
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` atomically (a temporary file renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def read_metadata(path: str | Path, require_complete: bool = True) -> dict[str, Any]:

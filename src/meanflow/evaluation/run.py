@@ -35,7 +35,7 @@ def sampler_plan(objective: str, eval_steps: list[int], ode_steps: int) -> list[
 
 def evaluate_points(
     model: nn.Module, reference: torch.Tensor, plan: list[tuple[str, int]], num: int, seed: int,
-    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None, **guidance,
+    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None, batch_size: int = 1000, **guidance,
 ) -> dict[str, Any]:
     """Sliced W2 and energy distance of samples from each sampler vs held-out points (N, D).
 
@@ -50,15 +50,34 @@ def evaluate_points(
         return {"sliced_w2": sliced_wasserstein(x.double(), ref, generator=gen), "energy_distance": energy_distance(x.double(), ref)}
 
     for method, steps in plan:
-        samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, device=device, **guidance)
+        samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, batch_size=batch_size,
+                              device=device, **guidance)
         results[f"{method}_{steps}nfe"] = {"method": method, "nfe": nfe(steps, method), **score(samples)}
     if train_points is not None:
         results["data_floor"] = {"method": "training data", "nfe": 0, **score(train_points[: ref.shape[0]])}
     return results
 
 
+def check_options_apply(data: dict[str, Any], fid_stats: str | None = None, inception_weights: str | None = None,
+                        save_samples: str | None = None) -> None:
+    """ValueError for an image-only option on a point-cloud run, or Inception weights without FID statistics.
+
+    ``data``: the checkpoint's ``meta["data"]`` (``kind`` and ``name``). Names the option as the
+    ``meanflow eval`` flag and as the :func:`evaluate_run` argument.
+    """
+    given = {"fid_stats": fid_stats, "inception_weights": inception_weights, "save_samples": save_samples}
+    image_only = [name for name, value in given.items() if value is not None]
+    if data["kind"] == "points" and image_only:
+        flags = ", ".join("--" + name.replace("_", "-") for name in image_only)
+        raise ValueError(f"{flags} ({', '.join(image_only)}) apply to image runs, but this run trained on points "
+                         f"(data.name={data['name']}), scored by sliced W2 and energy distance; drop {flags}")
+    if inception_weights is not None and fid_stats is None:
+        raise ValueError("--inception-weights (inception_weights) is read only with --fid-stats REF.npz (FID / IS); "
+                         "add --fid-stats or drop --inception-weights")
+
+
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
-                 ema: bool = True, device: str | torch.device = "cpu", method: str | None = None,
+                 ema: bool | None = None, device: str | torch.device = "cpu", method: str | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
                  info=None, save_samples: str | None = None, preview: Path | None = None, omega: float | None = None,
                  interval: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -72,6 +91,7 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     ``omega`` / ``interval``: guidance inputs of iMF-style models (defaults: the model's own).
     A released iMF checkpoint (``*.pth``) has no run around it: it is scored with FID / IS against
     ``fid_stats`` at ``steps`` (default 1) NFE on ``num`` (default 50000) samples.
+    ``ema``: EMA (True) or raw (False) weights; None takes the run's ``eval.ema``.
     """
     info = info or D.setup(str(device))
     guidance = {"omega": omega, "interval": interval}
@@ -79,8 +99,10 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
         return _evaluate_official(Path(run), steps or [1], num or 50_000, seed or 0, fid_stats, inception_weights, batch_size or 250,
                                   save_samples, info, guidance)
     directory = ckpt.resolve_checkpoint(run)
-    model, meta = load_model(directory, ema=ema, device=info.device)
     cfg = load_config(str(directory / "config.yaml"))
+    ema = cfg.eval.ema if ema is None else ema
+    model, meta = load_model(directory, ema=ema, device=info.device)
+    check_options_apply(meta["data"], fid_stats=fid_stats, inception_weights=inception_weights, save_samples=save_samples)
     steps = steps or cfg.eval.steps
     num = num or cfg.eval.num_samples
     seed = cfg.seed + 1 if seed is None else seed
@@ -95,7 +117,9 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
             raise ValueError("this data set has no held-out reference points to compare with")
         ref, _ = reference.get(torch.arange(min(num, len(reference))))
         floor, _ = train_set.get(torch.arange(min(num, len(train_set))))
-        return {**header, "results": evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor, **guidance)}
+        results = evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor,
+                                  batch_size=batch_size or cfg.eval.batch_size, **guidance)
+        return {**header, "results": results}
     options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size,
                    save_samples=save_samples, **guidance)
     return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.images import load_digits
+from ..runtime.files import atomic_path
 from .frechet import feature_statistics, frechet_distance
 from .image_metrics import ImageBatch, images_to_nchw
 
@@ -147,10 +148,9 @@ class DigitsClassifier:
             return cls(net, settings, accuracy)
         classifier = cls.train(size, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")  # atomic publish: concurrent runs never see half a file
         metadata = {"settings": json.dumps(settings), "heldout_accuracy": repr(classifier.heldout_accuracy)}
-        save_file(classifier.net.state_dict(), str(partial), metadata=metadata)
-        os.replace(partial, path)
+        with atomic_path(path) as partial:  # concurrent runs never see half a file
+            save_file(classifier.net.state_dict(), str(partial), metadata=metadata)
         return classifier
 
     def _prepare(self, images: ImageBatch) -> torch.Tensor:

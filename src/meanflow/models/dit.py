@@ -18,7 +18,7 @@ from ..autodiff import dual
 from .attention import attention
 from ..autodiff.dual import Dual
 from .embeddings import MeanFlowConditioning
-from .registry import register
+from .registry import Family, register
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -212,6 +212,7 @@ def check_image(z: torch.Tensor | Dual, channels: int, size: tuple[int, int], fa
         )
 
 
+FAMILY = Family(DiT, input_kind="images", example={"in_channels": 4, "input_size": 32, "num_classes": 1000})
 # name: (depth, hidden, heads, patch); the paper's sizes plus small ones for CPU work.
 DIT_PRESETS = {
     "dit-tiny/2": (4, 128, 4, 2),
@@ -230,7 +231,7 @@ def _register_preset(name: str, depth: int, hidden: int, heads: int, patch: int)
         return DiT(**{"depth": depth, "hidden": hidden, "heads": heads, "patch": patch, **kwargs})
 
     build.__doc__ = f"{name}: DiT with depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
-    register(name)(build)
+    register(name, FAMILY)(build)
 
 
 for _name, _size in DIT_PRESETS.items():

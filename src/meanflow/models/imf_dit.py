@@ -32,7 +32,7 @@ from ..autodiff.dual import Dual
 from .attention import attention
 from .dit import PatchEmbed, check_image, unpatchify
 from .embeddings import TimestepEmbedder
-from .registry import register
+from .registry import Family, register
 
 # In-context prefix: (group name, number of tokens), in sequence order.
 PREFIX = (("class", 8), ("omega", 4), ("t_min", 2), ("t_max", 2), ("time", 4))
@@ -303,6 +303,9 @@ def recommended_guidance(preset: str | None, steps: int) -> tuple[float, tuple[f
     return None if table is None else table.get(steps, table[1])
 
 
+FAMILY = Family(IMFDiT, input_kind="images", example={"in_channels": 4, "input_size": 32, "num_classes": 1000})
+
+
 def _register_preset(name: str, depth: int, hidden: int, heads: int, patch: int, head_depth: int = 8) -> None:
     def build(**kwargs) -> IMFDiT:
         model = IMFDiT(**{"depth": depth, "hidden": hidden, "heads": heads, "patch": patch, "head_depth": head_depth, **kwargs})
@@ -310,7 +313,7 @@ def _register_preset(name: str, depth: int, hidden: int, heads: int, patch: int,
         return model
 
     build.__doc__ = f"{name}: iMF DiT, depth {depth} (+ {head_depth} v-head blocks), hidden {hidden}, {heads} heads, patch {patch}."
-    register(name)(build)
+    register(name, FAMILY)(build)
 
 
 for _name, _size in {**IMF_PRESETS, **IMF_SMALL_PRESETS}.items():

@@ -14,20 +14,22 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..runtime import checkpoint as ckpt
 from .imf_weights import load_official_imf, official_meta
-from .registry import available, create
+from .registry import available, create, family
 
 OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF weights (torch.save of a state dict)
 
 
 def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """Constructor arguments a model preset takes from the data: (dim,) or (in_channels, input_size)."""
-    if name.lower().startswith("mlp"):
-        if len(sample_shape) != 1:
-            raise ConfigError(f"model {name!r} takes vectors of shape (N, D) but the data samples have shape {sample_shape}; use an image model (dit-*, unet-*)")
-        return {"dim": sample_shape[0], "num_classes": num_classes}
-    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
-        raise ConfigError(f"model {name!r} takes square images (C, H, H) but the data samples have shape {sample_shape}")
-    return {"in_channels": sample_shape[0], "input_size": sample_shape[1], "num_classes": num_classes}
+    """Constructor arguments preset ``name`` takes from the data (its family's input kind decides which)."""
+    fam = family(name)
+    try:
+        return fam.data_kwargs(sample_shape, num_classes)
+    except ValueError as err:
+        if fam.input_kind == "images" and len(sample_shape) == 3:
+            raise ConfigError(f"model {name!r} {err}; set data.image_size to centre crop them square") from None
+        fits = sorted({p.split("-")[0] + ("-*" if "-" in p else "") for p in available() if family(p).input_kind != fam.input_kind})
+        raise ConfigError(f"model {name!r} {err}; use a model that takes {'vectors' if fam.input_kind == 'images' else 'images'} "
+                          f"({', '.join(fits)})") from None
 
 
 def model_spec(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int, augment_dim: int = 0) -> dict[str, Any]:

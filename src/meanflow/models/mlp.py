@@ -7,7 +7,7 @@ from torch import nn
 from ..autodiff import dual
 from ..autodiff.dual import Dual
 from .embeddings import MeanFlowConditioning
-from .registry import register
+from .registry import Family, register
 
 
 class ResidualBlock(nn.Module):
@@ -55,6 +55,9 @@ class MLP(nn.Module):
         return self.out(h)  # (B, dim)
 
 
-@register("mlp")
+FAMILY = Family(MLP, input_kind="points", example={"dim": 2, "num_classes": 0})
+
+
+@register("mlp", FAMILY)
 def mlp(**kwargs) -> MLP:
     return MLP(**kwargs)

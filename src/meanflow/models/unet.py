@@ -37,7 +37,7 @@ from .attention import attention
 from .dit import check_image
 from ..autodiff.dual import Dual
 from .embeddings import LabelEmbedder, MeanFlowConditioning, sinusoidal_embedding
-from .registry import register
+from .registry import Family, register
 
 SKIP_SCALE = math.sqrt(0.5)
 TIME_MLPS = ("shared", "separate")
@@ -335,6 +335,7 @@ class UNet(nn.Module):
         return self.out_conv(dual.silu(self.out_norm(x)))  # (B, C, H, W)
 
 
+FAMILY = Family(UNet, input_kind="images", example={"in_channels": 3, "input_size": 32, "num_classes": 0})
 # name: (model_channels, channel_mult, num_blocks, attn_resolutions, dropout)
 UNET_PRESETS = {
     "unet-tiny": (32, (1, 2), 1, (8,), 0.0),
@@ -349,7 +350,7 @@ def _register_preset(name: str, channels: int, mult: tuple[int, ...], blocks: in
         return UNet(**{**size, **kwargs})
 
     build.__doc__ = f"{name}: DDPM++ U-Net, {channels} channels x {mult}, {blocks} blocks per level, attention at {attn}."
-    register(name)(build)
+    register(name, FAMILY)(build)
 
 
 for _name, _size in UNET_PRESETS.items():

@@ -9,13 +9,13 @@ Layout of one checkpoint (``RUN/checkpoints/step_0001000/``)::
     config.yaml              the resolved run config
     COMPLETE                 written last; a directory without it is ignored
 
-Files go into a hidden temporary directory that is renamed into place only once complete, so a
-crash or a full disk never leaves a half-written checkpoint that looks valid.
+Files go into a hidden temporary directory that is renamed into place only once complete
+(:func:`meanflow.runtime.files.atomic_path`), so a crash or a full disk never leaves a
+half-written checkpoint that looks valid.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .files import atomic_path, fsync_file
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
@@ -40,19 +42,13 @@ def save_checkpoint(root: Path, step: int, files: dict[str, Any], keep: int) -> 
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        for name, content in files.items():
-            _write(tmp / name, content)
-        _write(tmp / MARKER, f"step {step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            for name, content in files.items():
+                _write(tmp / name, content)
+            _write(tmp / MARKER, f"step {step}\n")
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(root)
         raise RuntimeError(
             f"could not write checkpoint {final} ({err.strerror or err}); nothing partial was kept. "
@@ -135,16 +131,7 @@ def _write(path: Path, content: Any) -> None:
         path.write_text(json.dumps(content, indent=2))
     else:
         path.write_text(content)
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -26,6 +26,21 @@ def step_generator(seed: int, step: int, stream: str, device: torch.device | str
     return gen
 
 
+def rng_states() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The global torch RNG states: ``rng_cpu`` (uint8 tensor) and ``rng_cuda`` (one per visible GPU, or [])."""
+    return {"rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(saved: dict) -> None:
+    """Put back what :func:`rng_states` returned. CUDA states are restored for the GPUs visible now
+    (the first ``min(saved, visible)``); a checkpoint from a CPU run restores the CPU state only."""
+    torch.set_rng_state(saved["rng_cpu"])
+    cuda = saved.get("rng_cuda") or []
+    if cuda and torch.cuda.is_available():
+        for index, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
 class GlobalBatchOrder:
     """Indices of the global batch of every step: a fresh seeded permutation per epoch, last partial
     batch dropped. Rank k of W takes the k-th of W equal slices, so the union over ranks is the

@@ -28,7 +28,7 @@ from ..models.loading import build_model, model_spec
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
-from ..runtime.seeding import GlobalBatchOrder, derive_seed, step_generator
+from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
 from .builders import build_loss, build_optimizer, learning_rate
 from .ema import EMA
 from .logging import RunLogger
@@ -198,8 +198,7 @@ def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config,
             files[EMA.file_name(i, decay)] = ema.state_dict(i)
         files["trainer_state.pt"] = {
             "step": state.step, "bad_steps": state.bad_steps, "consecutive_bad": state.consecutive_bad,
-            "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "optimizer": optimizer.state_dict(), **rng_states(),
         }
         files["meta.json"] = {**meta, "step": state.step}
         files["config.yaml"] = (out / "config.yaml").read_text()
@@ -222,7 +221,7 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
         ema.load_state_dict(i, ckpt.read_weights(path / EMA.file_name(i, decay)))
     saved = ckpt.read_state(path)
     optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng_cpu"])
+    restore_rng_states(saved)
     if report:
         report(f"resuming from {path} (step {saved['step']})")
     return TrainState(step=saved["step"], bad_steps=saved["bad_steps"], consecutive_bad=saved["consecutive_bad"])

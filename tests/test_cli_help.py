@@ -1,0 +1,56 @@
+"""The CLI's help texts name only commands that exist, and flags a command would ignore are refused."""
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from meanflow.cli import build_parser
+from meanflow.cli.fid_stats import check_flags_apply
+from meanflow.config import load_config
+from meanflow.data import check_keys_read
+from meanflow.evaluation.run import check_options_apply
+
+
+def _texts(parser: argparse.ArgumentParser):
+    yield from (parser.description or "", parser.epilog or "", parser.usage or "")
+    for action in parser._actions:
+        yield action.help or ""
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield choice.help or ""
+            for sub in action.choices.values():
+                yield from _texts(sub)
+
+
+def test_help_names_only_existing_commands():
+    parser = build_parser()
+    commands = set(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    named = {m for text in _texts(parser) for m in re.findall(r"meanflow ([a-z][a-z-]*)", text)}
+    assert named and named <= commands, f"help names commands that do not exist: {sorted(named - commands)}"
+
+
+def test_overriding_data_name_drops_the_presets_keys_the_new_source_does_not_read():
+    cfg = load_config("toy", ["data.name=digits"])  # toy.yaml sets data.holdout, which digits does not read
+    assert cfg.data.holdout == type(cfg.data)().holdout
+    check_keys_read(cfg.data)
+    cfg = load_config("digits", ["data.name=folder", "data.path=x"])  # image_size stays: folder reads it
+    assert cfg.data.image_size == 8
+
+
+def test_image_options_on_a_point_run_and_inception_weights_alone_are_refused():
+    with pytest.raises(ValueError, match=r"--save-samples.*points.*checkerboard"):
+        check_options_apply({"kind": "points", "name": "checkerboard"}, save_samples="s")
+    with pytest.raises(ValueError, match=r"--inception-weights.*--fid-stats"):
+        check_options_apply({"kind": "images", "name": "digits"}, inception_weights="w.pth")
+    check_options_apply({"kind": "images", "name": "digits"}, fid_stats="ref.npz", inception_weights="w.pth")
+
+
+def test_fid_stats_flags_are_read_only_where_they_apply():
+    parse = build_parser().parse_args
+    check_flags_apply(parse(["fid-stats", "digits", "--image-size", "8", "--out", "s.npz"]))
+    with pytest.raises(ValueError, match=r"--download.*cifar10"):
+        check_flags_apply(parse(["fid-stats", "digits", "--download", "--out", "s.npz"]))
+    with pytest.raises(ValueError, match=r"--weights.*--feature inception"):
+        check_flags_apply(parse(["fid-stats", "digits", "--feature", "digits", "--weights", "w.pth", "--out", "s.npz"]))
