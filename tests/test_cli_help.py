@@ -39,6 +39,17 @@ def test_overriding_data_name_drops_the_presets_keys_the_new_source_does_not_rea
     assert cfg.data.image_size == 8
 
 
+def test_every_data_key_is_read_by_some_source():
+    """A new data.* key must be filed with the sources that read it, or it would be refused everywhere."""
+    import dataclasses
+
+    from meanflow.config import DataConfig
+    from meanflow.data import SOURCES
+
+    read = {"name", "conditional"} | {key for source in SOURCES.values() for key in source.reads}
+    assert {f.name for f in dataclasses.fields(DataConfig)} == read
+
+
 def test_image_options_on_a_point_run_and_inception_weights_alone_are_refused():
     with pytest.raises(ValueError, match=r"--save-samples.*points.*checkerboard"):
         check_options_apply({"kind": "points", "name": "checkerboard"}, save_samples="s")

@@ -134,7 +134,7 @@ class Source:
     about: str
 
 
-_IMAGE_KEYS = ("image_size", "flip")
+_IMAGE_KEYS = ("image_size", "flip", "augment")  # augment: EDM augmentation of pixels (trainer)
 _TOY = Source(_load_toy, ("num_samples", "holdout"), "a built-in toy distribution")
 SOURCES: dict[str, Source] = {
     **{name: _TOY for name in TOY_DATASETS},
@@ -144,7 +144,7 @@ SOURCES: dict[str, Source] = {
     "npz": Source(_load_npz, ("path", *_IMAGE_KEYS), "images from a .npz/.npy file"),
     "cifar10": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "CIFAR-10 through torchvision"),
     "mnist": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "MNIST through torchvision"),
-    "latents": Source(_load_latents, ("path", *_IMAGE_KEYS), "a VAE latent cache from meanflow encode"),
+    "latents": Source(_load_latents, ("path", "image_size", "flip"), "a VAE latent cache from meanflow encode"),
 }
 for _name, _source in SOURCES.items():
     register_data_source(_name, _source.reads)
