@@ -16,8 +16,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to create (a file or a directory); on success it replaces ``path``.
 
     A file is fsynced before the rename, a directory's files must be fsynced by the writer (see
-    :func:`fsync_file`); the parent directory is fsynced after it. On error the temporary is removed
-    and ``path`` is untouched. The temporary name (``.tmp-NAME-PID``) is unique per process.
+    :func:`fsync_file`); the parent directory is fsynced after it. On an exception the temporary is
+    removed and ``path`` is untouched; the temporary name (``.tmp-NAME-PID``) is unique per process and
+    cleared by the next write of the same path.
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
@@ -29,7 +30,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except Exception:  # an ordinary failure (e.g. a full disk); a killed process leaves debris for the next save to clear
         _remove(tmp)
         raise
     fsync_dir(path.parent)
