@@ -144,7 +144,7 @@ SOURCES: dict[str, Source] = {
     "npz": Source(_load_npz, ("path", *_IMAGE_KEYS), "images from a .npz/.npy file"),
     "cifar10": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "CIFAR-10 through torchvision"),
     "mnist": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "MNIST through torchvision"),
-    "latents": Source(_load_latents, ("path", "image_size", "flip"), "a VAE latent cache from meanflow encode"),
+    "latents": Source(_load_latents, ("path", "image_size", "flip", "latent_norm"), "a VAE latent cache from meanflow encode"),
 }
 for _name, _source in SOURCES.items():
     register_data_source(_name, _source.reads)
