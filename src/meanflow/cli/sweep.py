@@ -1,0 +1,40 @@
+"""``meanflow sweep SPEC``: a grid of config overrides x seeds, one run after another, then one table.
+
+Finished runs (those with ``metrics.json``) are skipped, interrupted ones resumed, so the same
+command continues a stopped sweep. The table (``summary.md``/``summary.csv``: mean ± std over
+seeds and the raw values; ``runs.csv``: one row per run) and one PNG per metric go to the output
+directory. See :mod:`meanflow.training.sweep` for the spec format; shipped specs: configs/sweeps/.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of configs x seeds and tabulate the metrics", description=__doc__)
+    p.add_argument("spec", help="sweep spec: a shipped name (configs/sweeps/NAME.yaml) or a YAML file")
+    p.add_argument("--out", default=None, help="sweep directory (default: runs/sweeps/<spec name>)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    p.add_argument("--table-only", action="store_true", help="only (re)write the table and plots from the finished runs")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run after the spec's own")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import sweep
+
+    spec, path = sweep.load_spec(args.spec)
+    out = Path(args.out or Path("runs") / "sweeps" / path.stem)
+    if args.dry_run:
+        for item in sweep.plan(spec):
+            sweep.run_config(spec, item, args.overrides)
+            state = "finished" if (item.directory(out) / "metrics.json").exists() else "to run"
+            print(f"{item.label} seed {item.seed}: {state} ({item.directory(out)})")
+        return 0
+    if not args.table_only:
+        sweep.run_sweep(spec, out, args.overrides)
+    paths = sweep.write_summary(spec, out, title=spec.description or path.stem)
+    print(paths["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0

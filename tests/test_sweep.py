@@ -1,0 +1,121 @@
+"""`meanflow sweep`: plan, resumable execution, the summary table against the runs' own metrics."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meanflow.config import ConfigError
+from meanflow.training import sweep
+
+TINY = {
+    "model.kwargs": {"width": 16, "depth": 1}, "data.num_samples": 512, "data.holdout": 128, "train.batch_size": 32,
+    "train.steps": 4, "train.log_every": 2, "train.warmup_steps": 0, "train.checkpoint_every": 2,
+    "eval.num_samples": 64, "eval.baseline_ode_steps": 3,
+}
+
+
+def _spec(tmp_path: Path, **extra) -> Path:
+    body = {"config": "toy", "overrides": TINY, "grid": {"objective.ratio": [0.0, 0.5]}, "seeds": [0, 1],
+            "metrics": ["meanflow_1nfe.sliced_w2", "euler_3nfe.energy_distance"], **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meanflow", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_plan_is_variants_times_grid_times_seeds(tmp_path):
+    spec, _ = sweep.load_spec(_spec(tmp_path, variants={"fm": {"objective.kind": "flow_matching"}, "mf": {}},
+                                    grid={"objective.ratio": [0.0], "train.lr": [1e-3, 1e-4]}))
+    runs = sweep.plan(spec)
+    assert len(runs) == 2 * 2 * 2
+    assert [r.seed for r in runs[:2]] == [0, 1]
+    assert runs[0].point == (("variant", "fm"), ("objective.ratio", 0.0), ("train.lr", 1e-3))
+    cfg = sweep.run_config(spec, runs[3], ["train.steps=7"])
+    assert (cfg.objective.kind, cfg.train.lr, cfg.seed, cfg.train.steps, cfg.model.kwargs) == ("flow_matching", 1e-4, 1, 7, {"width": 16, "depth": 1})
+    assert len({r.directory(tmp_path) for r in runs}) == len(runs)
+
+
+def test_sweep_runs_then_skips_finished_and_resumes_interrupted(tmp_path):
+    spec, _ = sweep.load_spec(_spec(tmp_path))
+    out = tmp_path / "out"
+    calls = []
+
+    def train_fn(cfg, directory, resume):
+        from meanflow.training.trainer import train
+
+        calls.append((directory.parent.name, cfg.seed, resume))
+        return train(cfg, directory, resume)
+
+    rows = sweep.run_sweep(spec, out, train_fn=train_fn, log=lambda _: None)
+    assert len(rows) == 4 and len(calls) == 4 and not any(resume for *_, resume in calls)
+    finished = sweep.plan(spec)[0].directory(out) / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+
+    # an interrupted run: checkpoint at step 2 of 4, no metrics yet
+    victim = sweep.plan(spec)[3].directory(out)
+    (victim / "metrics.json").unlink()
+    shutil.rmtree(victim / "checkpoints" / "step_00000004")
+    calls.clear()
+    sweep.run_sweep(spec, out, train_fn=train_fn, log=lambda _: None)
+    assert calls == [(victim.parent.name, 1, True)]
+    assert finished.stat().st_mtime_ns == stamp
+    assert (victim / "metrics.json").exists()
+
+
+def test_summary_table_matches_metrics_files(tmp_path):
+    spec_path = _spec(tmp_path)
+    out = tmp_path / "out"
+    result = _cli("sweep", str(spec_path), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "finished, skipped" not in result.stdout
+    again = _cli("sweep", str(spec_path), "--out", str(out))
+    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4
+
+    def raw(ratio: str, seed: int, result: str, field: str) -> float:
+        return json.loads((out / f"objective.ratio={ratio}" / f"seed{seed}" / "metrics.json").read_text())["results"][result][field]
+
+    with (out / "summary.csv").open() as handle:
+        table = {(row["objective.ratio"], row["metric"]): row for row in csv.DictReader(handle)}
+    for ratio in ("0.0", "0.5"):
+        for metric in ("meanflow_1nfe.sliced_w2", "euler_3nfe.energy_distance"):
+            values = [raw(ratio, s, *metric.split(".")) for s in (0, 1)]
+            row = table[(ratio, metric)]
+            assert float(row["mean"]) == pytest.approx(statistics.mean(values), rel=1e-12)
+            assert float(row["std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
+            assert [float(v) for v in row["values"].split(";")] == values
+    text = (out / "summary.md").read_text()
+    assert "| 0.5 | 0,1 |" in text and "±" in text
+    assert (out / "meanflow_1nfe.sliced_w2.png").stat().st_size > 1000
+    assert len((out / "runs.csv").read_text().strip().splitlines()) == 5
+
+
+def test_bad_specs_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        sweep.load_spec(_spec(tmp_path, grids={}))
+    with pytest.raises(ConfigError, match="grid axis 'objective.ratio' must be a non-empty list"):
+        sweep.load_spec(_spec(tmp_path, grid={"objective.ratio": 0.5}))
+    with pytest.raises(ConfigError, match="unknown sweep"):
+        sweep.load_spec("no-such-sweep")
+    spec, _ = sweep.load_spec(_spec(tmp_path, grid={"objective.ratoi": [0.5]}))
+    with pytest.raises(ConfigError, match="did you mean 'objective.ratio'"):
+        sweep.run_sweep(spec, tmp_path / "out", log=lambda _: None)
+
+
+def test_shipped_sweeps_resolve_to_valid_configs():
+    assert sweep.available_sweeps(), "configs/sweeps/ ships no spec"
+    for name in sweep.available_sweeps():
+        spec, _ = sweep.load_spec(name)
+        for run in sweep.plan(spec):
+            sweep.run_config(spec, run)
