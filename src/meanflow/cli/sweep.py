@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..training import sweep
+
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of configs x seeds and tabulate the metrics", description=__doc__)
@@ -22,8 +24,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import sweep
-
     spec, path = sweep.load_spec(args.spec)
     out = Path(args.out or Path("runs") / "sweeps" / path.stem)
     if args.dry_run:

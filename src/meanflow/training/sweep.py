@@ -29,9 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
 from ..config import CONFIG_DIR, Config, ConfigError, load_config
+from ..evaluation import evaluate_run
+from ..runtime.checkpoint import latest_checkpoint, read_meta
+from ..runtime.distributed import DistInfo
+from .trainer import train
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 SPEC_KEYS = ("config", "overrides", "grid", "variants", "seeds", "metrics", "description")
@@ -141,9 +146,6 @@ def run_sweep(
     ``train_fn(cfg, out, resume)`` and ``finish_fn(run_dir)`` default to the trainer and to an
     evaluation writing ``metrics.json``.
     """
-    from .checkpoint import latest_checkpoint
-    from .trainer import train
-
     train_fn = train_fn or train
     finish_fn = finish_fn or write_metrics
     out = Path(out)
@@ -164,9 +166,8 @@ def run_sweep(
 
 def write_metrics(run_dir: Path) -> dict[str, Any]:
     """Evaluate a finished run (EMA weights, its config's eval section) into ``run_dir/metrics.json``."""
-    from ..metrics.evaluate import evaluate_run
-
-    metrics = evaluate_run(run_dir, preview=run_dir / "samples_1nfe.png")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate_run(run_dir, info=DistInfo(device=device), preview=run_dir / "samples_1nfe.png")
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     tmp.replace(run_dir / "metrics.json")
@@ -181,8 +182,6 @@ def _finished(directory: Path) -> bool:
 
 
 def _trained(directory: Path, cfg: Config) -> bool:
-    from .checkpoint import latest_checkpoint, read_meta
-
     last = latest_checkpoint(directory / "checkpoints")
     return last is not None and read_meta(last).get("step") == cfg.train.steps
 
