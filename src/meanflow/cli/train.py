@@ -61,9 +61,9 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
 
 
 def finish_run(out: Path) -> None:
-    """Write ``metrics.json`` and a 1-NFE preview next to the data; print the metrics."""
+    """Write ``metrics.json`` and ``samples.png`` (1 NFE, 2 NFE and the ODE beside the data); print the metrics."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preview = out / "samples_1nfe.png"
+    preview = out / "samples.png"
     metrics = evaluate_run(out, info=DistInfo(device=device), preview=preview)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics["results"], indent=2))

@@ -41,15 +41,21 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, m
     pixels stay visible) so that small samples such as 8x8 digits can be looked at.
     """
     from PIL import Image
+
+    pixels = grid_pixels(images, nrow, min_size)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+def grid_pixels(images: torch.Tensor, nrow: int | None = None, min_size: int = 32) -> np.ndarray:
+    """The grid of :func:`save_grid` as a uint8 array (H', W', C), C = 1 or 3."""
     from torchvision.utils import make_grid
 
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
     factor = max(1, math.ceil(min_size / images.shape[-1]))
     images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)  # (3 or C, H', W')
-    pixels = to_uint8(grid[None])[0].numpy()  # (H', W', C)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    return to_uint8(grid[None])[0].numpy()  # (H', W', C)
 
 
 def random_flip(x: torch.Tensor, flip_mask: torch.Tensor) -> torch.Tensor:

@@ -147,18 +147,24 @@ def save_points_plot(
 
     Points of dimension D > 2 are shown by their first two coordinates; both panels share axes.
     """
+    panels = [(f"samples (n={len(samples)})", samples)]
+    if reference is not None:
+        panels.insert(0, (f"reference data (n={len(reference)})", reference))
+    save_point_panels(panels, path, title)
+
+
+def save_point_panels(panels: list[tuple[str, torch.Tensor | np.ndarray]], path: str | Path, title: str | None = None) -> None:
+    """PNG of scatter plots side by side on shared axes: ``panels`` is a list of (caption, points (N, D))."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [("samples", _first_two(samples))]
-    if reference is not None:
-        panels.insert(0, ("reference data", _first_two(reference)))
     fig = Figure(figsize=(4.5 * len(panels), 4.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
-    for ax, (name, points) in zip(axes, panels):
+    for ax, (caption, points) in zip(axes, panels):
+        points = _first_two(points)
         ax.scatter(points[:, 0], points[:, 1], s=1.0, alpha=0.5, linewidths=0)
-        ax.set_title(f"{name} (n={len(points)})")
+        ax.set_title(caption)
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title)

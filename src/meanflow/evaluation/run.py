@@ -20,7 +20,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
 from ..sampling import generate, nfe
 from .images import evaluate_images
-from .preview import save_preview
+from .preview import preview_plan, save_preview
 
 
 def sampler_plan(objective: str, eval_steps: list[int], ode_steps: int) -> list[tuple[str, int]]:
@@ -87,7 +87,8 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     Images: class accuracy and Frechet distance in the digits classifier's feature space (digits
     data), and FID / Inception Score against ``fid_stats`` when given (see docs/EVALUATION.md).
     ``info`` (a DistInfo) defaults to the torchrun environment: every process samples its share.
-    ``preview``: also write a 1-NFE preview PNG there (see :func:`save_preview`), from the same model.
+    ``preview``: also write a preview PNG there (1 NFE, 2 NFE and the ODE side by side, see
+    :func:`save_preview`), from the same model.
     ``omega`` / ``interval``: guidance inputs of iMF-style models (defaults: the model's own).
     A released iMF checkpoint (``*.pth``) has no run around it: it is scored with FID / IS against
     ``fid_stats`` at ``steps`` (default 1) NFE on ``num`` (default 50000) samples.
@@ -108,7 +109,8 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     seed = cfg.seed + 1 if seed is None else seed
     train_set, reference = load_dataset(cfg.data, cfg.seed)
     if preview is not None and info.is_main:
-        save_preview(model, train_set, preview, steps=1, seed=cfg.seed, device=info.device)
+        save_preview(model, train_set, preview, seed=cfg.seed, device=info.device,
+                     plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps))
     plan = [(method, k) for k in steps] if method else sampler_plan(cfg.objective.kind, steps, cfg.eval.baseline_ode_steps)
     header = {"checkpoint": str(directory), "step": meta.get("step"), "weights": "ema" if ema else "raw", "objective": cfg.objective.kind,
               "data": cfg.data.name, "num_samples": num, "seed": seed}

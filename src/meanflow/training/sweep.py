@@ -167,7 +167,7 @@ def run_sweep(
 def write_metrics(run_dir: Path) -> dict[str, Any]:
     """Evaluate a finished run (EMA weights, its config's eval section) into ``run_dir/metrics.json``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate_run(run_dir, info=DistInfo(device=device), preview=run_dir / "samples_1nfe.png")
+    metrics = evaluate_run(run_dir, info=DistInfo(device=device), preview=run_dir / "samples.png")
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     tmp.replace(run_dir / "metrics.json")

@@ -23,7 +23,7 @@ from ..config import Config, ConfigError, save_config
 from ..data import load_dataset, random_flip
 from ..data.augment import LABEL_DIM, EDMAugment
 from ..data.base import Dataset
-from ..evaluation.preview import save_preview
+from ..evaluation.preview import preview_plan, save_preview
 from ..models.loading import build_model, model_spec
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
@@ -244,10 +244,9 @@ def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
 
 
 def _write_samples(model: nn.Module, ema: EMA, data: Dataset, cfg: Config, stem: Path, device) -> None:
-    """Sample grids (images) or scatter plots (points) from the EMA weights at 1 and 2 NFE."""
-    net = ema_model(model, ema)
-    for steps in (1, 2):
-        save_preview(net, data, stem.parent / f"{stem.name}_nfe{steps}.png", steps=steps, seed=cfg.seed, device=device)
+    """``stem``.png: samples from the EMA weights at 1 NFE, 2 NFE and with the ODE, side by side."""
+    save_preview(ema_model(model, ema), data, stem.with_suffix(".png"), seed=cfg.seed, device=device,
+                 plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps))
 
 
 def ema_model(model: nn.Module, ema: EMA, index: int = 0) -> nn.Module:
