@@ -84,8 +84,16 @@ class Objective:
         inputs of the model, each (B, ...) (e.g. ``{"augment_labels": a}``, a: (B, 6)); every model
         call gets the rows of each that match its inputs (objectives that take ``cond``).
         """
+        loss, stats, _ = self.loss_and_targets(model, x, labels, generator=generator, shard=shard, cond=cond)
+        return loss, stats
+
+    def loss_and_targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None, *,
+                         generator: torch.Generator | None = None, shard: Shard | None = None,
+                         cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Stats, Targets]:
+        """What calling the objective gives, plus the :class:`Targets` behind it (per-sample diagnostics)."""
         extra = {"cond": checked_cond(cond, x.shape[0])} if cond else {}
-        return self.reduce(self.targets(model, x, labels, generator, shard=shard, **extra))
+        out = self.targets(model, x, labels, generator, shard=shard, **extra)
+        return (*self.reduce(out), out)
 
     def targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, *, shard: Shard | None = None) -> Targets:

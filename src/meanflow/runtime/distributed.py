@@ -111,6 +111,13 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float
     return dict(zip(keys, (t / info.world_size).tolist()))
 
 
+def sum_over_ranks(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over ranks (in place; the tensor itself without torchrun)."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -36,8 +36,15 @@ class RunLogger:
         self.file.flush()
         if self.tb is not None:
             for key, value in stats.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"train/{key}", value, step + 1)
+                if isinstance(value, list):  # per-bin diagnostics: one curve per bin
+                    for i, item in enumerate(value):
+                        self._scalar(f"bins/{key}/{i}", item, step + 1)
+                else:
+                    self._scalar(f"train/{key}", value, step + 1)
+
+    def _scalar(self, tag: str, value, step: int) -> None:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self.tb.add_scalar(tag, value, step)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -52,6 +59,9 @@ class RunLogger:
 
 
 def _clean(value):
+    """JSON-safe: non-finite floats (also inside per-bin lists) become null."""
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 

@@ -30,6 +30,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
 from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
 from .builders import build_loss, build_optimizer, learning_rate
+from .diagnostics import Diagnostics
 from .ema import EMA
 from .logging import RunLogger
 
@@ -82,6 +83,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
     local = cfg.train.batch_size // info.world_size
     forward = _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
+    diagnostics = Diagnostics()
     stop = _StopFlag()
     autocast = _autocast(cfg, info.device)
     try:
@@ -92,8 +94,10 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
             x, labels, cond = _batch(train_set, order, step, info, cfg, augment)
             torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 2))  # dropout masks
             with autocast:
-                loss, stats = loss_fn(forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
-                                      shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
+                loss, stats, targets = loss_fn.loss_and_targets(
+                    forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
+                    shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
+            diagnostics.update(targets, getattr(loss_fn, "weighted", _unweighted))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             D.all_reduce_gradients(model, info.world_size)
@@ -109,7 +113,10 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
                 if step == 0 or state.step == cfg.train.steps:
                     D.check_in_sync(model, info, state.step)
             stats.update(lr=optimizer.param_groups[0]["lr"], bad_steps=state.bad_steps)
-            logger.step(step, stats, log=(state.step % cfg.train.log_every == 0) if cfg.train.log_every else False)
+            log_now = bool(cfg.train.log_every) and state.step % cfg.train.log_every == 0
+            if log_now:
+                stats.update(diagnostics.flush(lambda sums: D.sum_over_ranks(sums, info)))
+            logger.step(step, stats, log=log_now)
             if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
                 _write_samples(model, ema, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
             interrupted = stats["stop"] > 0
@@ -174,6 +181,11 @@ def _grad_norm(model: nn.Module, clip: float) -> float:
     if clip > 0:
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def _unweighted(d: torch.Tensor) -> torch.Tensor:
+    """Loss terms of an objective without adaptive weighting: the squared errors d (B,) themselves."""
+    return d
 
 
 def _skip(state: TrainState, cfg: Config, out: Path, logger: RunLogger, stats: dict[str, float]) -> None:
