@@ -223,10 +223,10 @@ def _forward(call: Call, tangent: Tangent) -> tuple[Tensor, Tensor, Tensor | Non
 
 
 def _complement(rows: Tensor, size: int) -> Tensor:
-    """The indices in [0, size) not in ``rows``, ascending (int64, rows' device)."""
-    keep = torch.ones(size, dtype=torch.bool, device=rows.device)
-    keep[rows] = False
-    return keep.nonzero().flatten()
+    """The indices in [0, size) not in ``rows``, ascending (int64, rows' device), without a host sync."""
+    marked = torch.zeros(size, dtype=torch.int32, device=rows.device)
+    marked[rows] = 1
+    return torch.argsort(marked, stable=True)[: size - rows.numel()]
 
 
 def _inverse(perm: Tensor) -> Tensor:

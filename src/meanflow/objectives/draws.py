@@ -86,9 +86,9 @@ class BatchRandom:
         """(B,) float64 U(0, 1) draws of this shard."""
         return self.uniform_global()[self.local]
 
-    def jvp_global(self, ratio: float) -> torch.Tensor:
-        """(total,) bool: which samples of the global batch have r != t (:func:`jvp_mask`)."""
-        return torch.tensor(jvp_mask(ratio, 0, self.total, self.total), device=self.device)
+    def jvp_global(self, ratio: float) -> list[bool]:
+        """Which samples of the global batch have r != t (:func:`jvp_mask`), by global index."""
+        return jvp_mask(ratio, 0, self.total, self.total)
 
 
 def draw_batch(
@@ -111,27 +111,30 @@ def draw_batch(
     normals = rand.normal(lead=(2,))  # (2, B)
     drop_u = rand.uniform_global()  # (total,)
     r, t = times(normals[0], normals[1])
-    jvp_global = rand.jvp_global(ratio)
-    keep = jvp_global[rand.local]
-    dropped = _drops(drop_u, jvp_global, label_drop, drop_anywhere)[rand.local]
+    mask = rand.jvp_global(ratio)  # host-side list: no device synchronisation
+    local = mask[rand.local]
+    dropped = _drops(drop_u, mask, label_drop, drop_anywhere)[rand.local]
     to = dict(device=x.device)
     draws = Draws(
         noise=noise.to(**to),
-        r=torch.where(keep, r, t).to(dtype=x.dtype, **to),
+        r=torch.where(torch.tensor(local, device=rand.device), r, t).to(dtype=x.dtype, **to),
         t=t.to(dtype=x.dtype, **to),
         dropped=dropped.to(**to),
-        jvp_index=keep.nonzero().flatten().to(**to),
-        fm_index=(~keep).nonzero().flatten().to(**to),
+        jvp_index=torch.tensor([i for i, m in enumerate(local) if m], dtype=torch.long).to(**to),
+        fm_index=torch.tensor([i for i, m in enumerate(local) if not m], dtype=torch.long).to(**to),
     )
     return draws, rand
 
 
-def _drops(drop_u: torch.Tensor, jvp_global: torch.Tensor, p: float, anywhere: bool) -> torch.Tensor:
-    """(total,) bool: dropped labels of the global batch (module docstring)."""
+def _drops(drop_u: torch.Tensor, mask: list[bool], p: float, anywhere: bool) -> torch.Tensor:
+    """(total,) bool: dropped labels of the global batch (module docstring); ``mask``: r != t by global index.
+
+    Computed on the device without reading the drop count back to the host.
+    """
     hits = drop_u < p
     if anywhere:
         return hits
-    order = torch.cat([(~jvp_global).nonzero().flatten(), jvp_global.nonzero().flatten()])  # r = t rows first
-    dropped = torch.zeros_like(hits)
-    dropped[order[: int(hits.sum())]] = True
-    return dropped
+    order = [g for g, m in enumerate(mask) if not m] + [g for g, m in enumerate(mask) if m]  # r = t rows first
+    rank = torch.empty(len(order), dtype=torch.long)
+    rank[order] = torch.arange(len(order))
+    return rank.to(hits.device) < hits.sum()
