@@ -14,7 +14,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ..config import Config, ConfigError, save_config
 from ..data import load_dataset, random_flip
 from ..data.augment import LABEL_DIM, EDMAugment
 from ..data.base import Dataset
+from ..data.loader import step_batches
 from ..evaluation.preview import preview_plan, save_preview
 from ..models.loading import build_model, model_spec
 from ..objectives import Shard
@@ -32,6 +33,7 @@ from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states,
 from .builders import build_loss, build_optimizer, learning_rate
 from .diagnostics import Diagnostics
 from .ema import EMA
+from .hooks import Hooks
 from .logging import RunLogger
 
 
@@ -48,20 +50,23 @@ class TrainState:
     consecutive_bad: int = 0
 
 
-def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dataset, Dataset | None] | None = None) -> Path:
+def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dataset, Dataset | None] | None = None,
+          hooks: Sequence[Hooks] = ()) -> Path:
     """Train ``cfg`` into the run directory ``out`` and return it.
 
     ``resume=True`` continues from the newest complete checkpoint in ``out``. ``dataset`` replaces
     the configured data with an explicit (train, reference) pair (the library API for your own data).
+    ``hooks``: :class:`~meanflow.training.hooks.Hooks` called after every step, at every checkpoint
+    and at every evaluation (``train.sample_every``), in order.
     """
     info = D.setup(cfg.train.device)
     try:
-        return _train(cfg, Path(out), resume, dataset, info)
+        return _train(cfg, Path(out), resume, dataset, info, tuple(hooks))
     finally:
         D.teardown()
 
 
-def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> Path:
+def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hooks: tuple[Hooks, ...]) -> Path:
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
     _prepare_out(out, info, resume)
@@ -80,6 +85,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
         save_config(cfg, out / "config.yaml")
     meta = _meta(spec, train_set, cfg)
     order = GlobalBatchOrder(len(train_set), cfg.train.batch_size, cfg.seed)
+    batches = step_batches(train_set, order, state.step, cfg.train.steps, info.rank, info.world_size,
+                           cfg.train.num_workers, pin_memory=info.device.type == "cuda")
     local = cfg.train.batch_size // info.world_size
     forward = _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
@@ -91,7 +98,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
             step = state.step
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg.train)
-            x, labels, cond = _batch(train_set, order, step, info, cfg, augment)
+            x, labels, cond = _batch(*next(batches), step, info, cfg, augment)
             torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 2))  # dropout masks
             with autocast:
                 loss, stats, targets = loss_fn.loss_and_targets(
@@ -117,11 +124,17 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo) -> P
             if log_now:
                 stats.update(diagnostics.flush(lambda sums: D.sum_over_ranks(sums, info)))
             logger.step(step, stats, log=log_now)
+            for hook in hooks:
+                hook.after_step(state.step, stats, model)
             if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
-                _write_samples(model, ema, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
+                net = _write_samples(model, ema, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
+                for hook in hooks:
+                    hook.at_evaluation(state.step, net, train_set)
             interrupted = stats["stop"] > 0
             if interrupted or state.step == cfg.train.steps or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
                 path = _save(out, model, optimizer, ema, state, meta, cfg, info)
+                for hook in hooks:
+                    hook.at_checkpoint(state.step, path)
                 if interrupted:
                     logger.message(f"interrupted: saved {path}; continue with --resume {out}")
                     break
@@ -155,13 +168,12 @@ def _augmenter(cfg: Config, data: Dataset) -> EDMAugment | None:
     return EDMAugment(p=cfg.data.augment)
 
 
-def _batch(data: Dataset, order: GlobalBatchOrder, step: int, info: D.DistInfo, cfg: Config, augment: EDMAugment | None = None):
-    """This rank's (x, labels, cond) for ``step``: reproducible horizontal flips, then EDM augmentation, when enabled.
+def _batch(x: torch.Tensor, labels: torch.Tensor | None, step: int, info: D.DistInfo, cfg: Config, augment: EDMAugment | None = None):
+    """This rank's (x, labels, cond) for ``step`` on the device, from its loaded batch x (b, ...):
+    reproducible horizontal flips, then EDM augmentation, when enabled.
 
     ``cond`` is None or ``{"augment_labels": (b, 6)}``; all randomness is drawn for the global batch.
     """
-    index = order.local_indices(step, info.rank, info.world_size)
-    x, labels = data.get(index)
     local = slice(info.rank * x.shape[0], (info.rank + 1) * x.shape[0])
     if cfg.data.flip and x.ndim == 4:
         gen = step_generator(cfg.seed, step, "augment")
@@ -255,10 +267,12 @@ def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
     }
 
 
-def _write_samples(model: nn.Module, ema: EMA, data: Dataset, cfg: Config, stem: Path, device) -> None:
-    """``stem``.png: samples from the EMA weights at 1 NFE, 2 NFE and with the ODE, side by side."""
-    save_preview(ema_model(model, ema), data, stem.with_suffix(".png"), seed=cfg.seed, device=device,
+def _write_samples(model: nn.Module, ema: EMA, data: Dataset, cfg: Config, stem: Path, device) -> nn.Module:
+    """``stem``.png: samples from the EMA weights at 1 NFE, 2 NFE and with the ODE, side by side; returns that EMA model."""
+    net = ema_model(model, ema)
+    save_preview(net, data, stem.with_suffix(".png"), seed=cfg.seed, device=device,
                  plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps))
+    return net
 
 
 def ema_model(model: nn.Module, ema: EMA, index: int = 0) -> nn.Module:
