@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.images import IMAGE_SUFFIXES, load_digits, load_torchvision
-from ..data.points import read_array_file
+from ..data.images import folder_batches, load_digits, load_torchvision
+from ..data.arrays import read_array_file
 from ..metrics import DigitsClassifier, InceptionFeatures, image_statistics, images_to_nchw, save_stats
 
 DATASET_SOURCES = ("digits", "cifar10")
@@ -41,27 +40,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _folder_batches(root: Path, mode: str, batch_size: int, limit: int | None) -> Iterator[np.ndarray]:
-    """uint8 batches (B, H, W, C) of the image files under ``root`` (recursive, sorted), PIL ``mode``."""
-    from PIL import Image
-
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(root)!r}")
-    first_shape = None
-    for start in range(0, len(files), batch_size):
-        arrays = []
-        for file in files[start : start + batch_size]:
-            with Image.open(file) as image:
-                array = np.asarray(image.convert(mode), dtype=np.uint8)
-            first_shape = first_shape or array.shape
-            if array.shape != first_shape:
-                raise ValueError(f"images differ in size: {str(file)!r} is {array.shape[:2]}, the first is "
-                                 f"{first_shape[:2]}; resize or crop them to one size first")
-            arrays.append(array.reshape(*array.shape[:2], -1))
-        yield np.stack(arrays)
-
-
 def _npz_images(path: Path, limit: int | None) -> torch.Tensor:
     """uint8 images (N, C, H, W) from a .npz (first of ``_NPZ_KEYS`` present) or .npy file."""
     array, _ = read_array_file(path, _NPZ_KEYS)
@@ -80,13 +58,13 @@ def _dataset_images(args: argparse.Namespace) -> torch.Tensor:
         raise RuntimeError(f"{err}; for fid-stats the options are --download and --data-root DIR") from err
 
 
-def image_source(args: argparse.Namespace, mode: str):
+def image_source(args: argparse.Namespace, channels: int):
     """SOURCE -> one uint8 array (N, C, H, W) or an iterable of uint8 batches (B, H, W, C)."""
     if args.source in DATASET_SOURCES:
         return _dataset_images(args)
     path = Path(args.source)
     if path.is_dir():
-        return _folder_batches(path, mode, args.batch_size, args.num)
+        return folder_batches(path, channels, args.batch_size, args.num)
     if path.is_file() and path.suffix in (".npz", ".npy"):
         return _npz_images(path, args.num)
     raise FileNotFoundError(f"SOURCE {args.source!r} is neither an image folder, a .npz/.npy file, "
@@ -107,10 +85,10 @@ def check_flags_apply(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_flags_apply(args)
     if args.feature == "inception":
-        extractor, mode = InceptionFeatures(args.weights, device=args.device, batch_size=args.batch_size), "RGB"
+        extractor, channels = InceptionFeatures(args.weights, device=args.device, batch_size=args.batch_size), 3
     else:
-        extractor, mode = DigitsClassifier.load_or_train(), "L"
-    mu, sigma, count = image_statistics(image_source(args, mode), extractor, args.batch_size)
+        extractor, channels = DigitsClassifier.load_or_train(), 1
+    mu, sigma, count = image_statistics(image_source(args, channels), extractor, args.batch_size)
     save_stats(args.out, mu, sigma, feature=args.feature, source=str(args.source), num_samples=count)
     print(json.dumps({"out": str(args.out), "feature": args.feature, "source": str(args.source),
                       "num_samples": count, "dim": int(mu.shape[0])}))

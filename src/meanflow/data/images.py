@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TensorDataset
-from .points import check_labels, read_array_file
+from .arrays import check_labels, read_array_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_DEFAULT_SIZE = 16
@@ -136,6 +137,28 @@ def _list_image_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, [d.name for d in class_dirs]
 
 
+def folder_batches(root: str | Path, channels: int, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    """uint8 batches (B, H, W, C) of every image file under ``root`` (any depth, sorted paths), read one
+    batch at a time (for folders too large for memory); the images must share one size."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if _is_image(p))[:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(root)!r}")
+    first = None
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        arrays = [read_image(file, channels) for file in chunk]
+        first = first or (arrays[0], chunk[0])
+        _check_same_size([first[0], *arrays], [first[1], *chunk], fix="resize or crop them to one size first")
+        yield np.stack(arrays)
+
+
+def read_image(file: Path, channels: int, size: int | None = None) -> np.ndarray:
+    """(S, S, C) uint8 of one image file: converted to 1 (L) or 3 (RGB) channels; with ``size``, the
+    shorter side resized (bicubic) to ``size`` and centre cropped. The one image-file reader."""
+    return _image_array(_open_image(file), channels, size)
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
@@ -167,16 +190,17 @@ def _image_array(image, channels: int, size: int | None) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _check_same_size(arrays: list[np.ndarray], files: list[Path]) -> None:
-    """All arrays (H, W, C) must share one square size (true after resizing; checked when not resizing)."""
+def _check_same_size(arrays: list[np.ndarray], files: list[Path], fix: str | None = None) -> None:
+    """All arrays (H, W, C) must share one size; for training data (``fix`` None) a square one (true
+    after resizing; checked when not resizing). ``fix``: the advice when sizes differ elsewhere."""
     first = arrays[0].shape[:2]
     for array, file in zip(arrays, files):
         if array.shape[:2] != first:
             raise ValueError(
                 f"images have different sizes ({str(files[0])!r} is {first[1]}x{first[0]}, {str(file)!r} is "
-                f"{array.shape[1]}x{array.shape[0]}); set data.image_size to resize and centre crop them"
+                f"{array.shape[1]}x{array.shape[0]}); {fix or 'set data.image_size to resize and centre crop them'}"
             )
-    if first[0] != first[1]:
+    if fix is None and first[0] != first[1]:
         raise ValueError(f"images are not square ({str(files[0])!r} is {first[1]}x{first[0]}); set data.image_size to centre crop them")
 
 
