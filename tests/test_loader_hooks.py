@@ -78,4 +78,4 @@ def test_hooks_are_called_after_steps_at_checkpoints_and_evaluations(images, tmp
     assert kinds == [("step", 1), ("step", 2), ("checkpoint", 2), ("step", 3), ("step", 4), ("evaluation", 4), ("checkpoint", 4)]
     assert recorder.calls[2][2] == ckpt.checkpoint_name(2) and recorder.calls[5][2:] == (False, 40)
     assert all(call[3] for call in recorder.calls if call[0] == "step")  # the raw model, in training mode
-    assert (tmp_path / "run" / "samples" / "step_00000004_nfe1.png").is_file()  # the evaluation hook runs after the previews
+    assert (tmp_path / "run" / "samples" / "step_00000004.png").is_file()  # the evaluation hook runs after the previews
