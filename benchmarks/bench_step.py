@@ -1,6 +1,7 @@
 """Cost of one MeanFlow training step against Flow Matching, and of 1-NFE sampling.
 
     python benchmarks/bench_step.py --device cpu [--check] [--json out.json]
+    python benchmarks/bench_step.py --device cpu --preset plain --threads 2   # a user's plain-PyTorch DiT
     python benchmarks/bench_step.py --device cuda --preset gpu --json bench_gpu.json [--amp bf16] [--compile]
 
 For every case (model preset, input shape, batch, attention backend) one model, one optimizer and
@@ -10,6 +11,9 @@ round in a fresh random order, after a warmup, so machine load hits every varian
 * ``fm``: Flow Matching (``FlowMatchingLoss``), the reference;
 * ``mf25`` / ``mf75``: our MeanFlow step with 25% / 75% of the batch at r != t (``jvp="auto"``:
   one forward pass on Dual values for our models);
+* ``mf25_rows`` / ``mf75_rows``: the same with ``jvp="rows"`` (one plain forward pass while
+  :func:`meanflow.autodiff.rows.row_jvp` carries the r != t rows' tangent: what ``auto`` picks for
+  models without Dual support, such as the plain DiT of ``plain_dit.py``, preset ``plain``);
 * ``mf25_fwad``: the same loss with forward-mode AD on the r != t rows (``jvp="forward_ad"``, the
   path for models without Dual support);
 * ``mf_full``: the same loss with forward-mode AD over the whole batch (``jvp="full"``, 25% r != t);
@@ -43,11 +47,13 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import FlowMatchingLoss, MeanFlowLoss, sample
 from meanflow.models import create
 from meanflow.models.attention import ENV_VAR, jvp_flash_available
 from meanflow.objectives import conditional_velocity, interpolate
+from plain_dit import PlainDiT
 
 Step = Callable[[int], None]
 
@@ -72,9 +78,13 @@ class Case:
 PRESETS = {
     "cpu": (Case("dit-tiny/2", 4, 16, 64, 10), Case("unet-tiny", 3, 16, 64)),
     "gpu": (Case("dit-b/4", 4, 32, 256, 1000), Case("unet-cifar10", 3, 32, 128)),
+    # a user's DiT (benchmarks/plain_dit.py, the size of dit-tiny/2) with SDPA or spelled-out attention, and ours
+    "plain": (Case("plain-dit", 4, 16, 64, 10), Case("plain-dit-math", 4, 16, 64, 10), Case("dit-tiny/2", 4, 16, 64, 10)),
 }
+# plain-PyTorch models (not in the library's registry): name -> PlainDiT options
+PLAIN_MODELS = {"plain-dit": dict(fused=True), "plain-dit-math": dict(fused=False)}
 # --check: ratios to the Flow Matching step on the first (DiT) case.
-TARGETS = {"mf25_time": 1.12, "mf75_time": 1.40, "memory": 1.25, "sampling": 0.95}
+TARGETS = {"mf25_time": 1.12, "mf75_time": 1.40, "memory": 1.05, "sampling": 0.95}
 
 
 class PublicReferenceLoss:
@@ -110,11 +120,15 @@ LOSSES: dict[str, Callable[[], Callable]] = {
     "fm": FlowMatchingLoss,
     "mf25": lambda: MeanFlowLoss(ratio=0.25),
     "mf75": lambda: MeanFlowLoss(ratio=0.75),
+    "mf25_rows": lambda: MeanFlowLoss(ratio=0.25, jvp="rows"),
+    "mf75_rows": lambda: MeanFlowLoss(ratio=0.75, jvp="rows"),
     "mf25_fwad": lambda: MeanFlowLoss(ratio=0.25, jvp="forward_ad"),
     "mf_full": lambda: MeanFlowLoss(ratio=0.25, jvp="full"),
     "public": lambda: PublicReferenceLoss(ratio=0.25),
 }
 COMPILED = ("fm", "mf25", "mf75")
+# variants whose forward-mode AD needs SDPA's math kernel on the CPU (the fused one has no forward-mode rule)
+FORWARD_AD = ("mf25_fwad", "mf_full", "public")
 
 
 def autocast(device: str, amp: str):
@@ -130,9 +144,12 @@ def synchronize(device: str) -> None:
 def build(case: Case, device: str, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor | None]:
     """Model (zero-initialised layers perturbed so u and du/dt are non-trivial), Adam, batch x (B, C, H, W), labels (B,)."""
     torch.manual_seed(seed)
-    model = create(
-        case.model, in_channels=case.channels, input_size=case.size, num_classes=case.num_classes, attention_backend=case.attention
-    ).to(device)
+    if case.model in PLAIN_MODELS:
+        model = PlainDiT(case.channels, case.size, num_classes=case.num_classes, **PLAIN_MODELS[case.model]).to(device)
+    else:
+        model = create(
+            case.model, in_channels=case.channels, input_size=case.size, num_classes=case.num_classes, attention_backend=case.attention
+        ).to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -158,8 +175,15 @@ def step_fns(names, model, compiled, optimizer, x, labels, device: str, amp: str
     for name in names:
         base, _, suffix = name.partition("+")
         loss_fn, net = LOSSES[base](), compiled if suffix else model
-        steps[name] = lambda seed, f=loss_fn, n=net: train_step(f, n, optimizer, x, labels, seed, device, amp)
+        kernels = (lambda: sdpa_kernel(SDPBackend.MATH)) if base in FORWARD_AD else nullcontext
+        steps[name] = lambda seed, f=loss_fn, n=net, k=kernels: _under(k(), train_step, f, n, optimizer, x, labels, seed, device, amp)
     return steps
+
+
+def _under(context, fn, *args) -> None:
+    """fn(*args) inside a context manager."""
+    with context:
+        fn(*args)
 
 
 def interleave(steps: dict[str, Step], warmup: int, repeats: int, device: str) -> dict[str, list[float]]:
@@ -261,7 +285,7 @@ def check_exact(model: nn.Module, x: torch.Tensor, labels, device: str) -> float
     out = MeanFlowLoss(ratio=0.75).targets(model.eval(), x, labels, generator=torch.Generator(device=device).manual_seed(0))
     d, mf = out.draws, out.draws.jvp_index
     fn = lambda z_, r_, t_: model(z_, r_, t_, None if out.labels is None else out.labels[mf])  # noqa: E731
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, dudt = torch.func.jvp(fn, (out.z[mf], d.r[mf], d.t[mf]), (out.v[mf], torch.zeros_like(d.r[mf]), torch.ones_like(d.t[mf])))
     model.train()
     return float((out.dudt[mf] - dudt).abs().max() / dudt.abs().max().clamp_min(1e-12))
@@ -292,7 +316,8 @@ def sampling(model: nn.Module, x: torch.Tensor, labels, device: str, amp: str, w
 def run_case(case: Case, args) -> dict:
     """Time, memory and sampling results of one case."""
     model, optimizer, x, labels = build(case, args.device)
-    names, result = list(LOSSES), {"case": asdict(case), "name": case.name}
+    names = ["fm", *[v for v in args.variants.split(",") if v != "fm"]] if args.variants else list(LOSSES)
+    result = {"case": asdict(case), "name": case.name}
     result["dudt_rel_error_vs_torch_func_jvp"] = check_exact(model, x, labels, args.device)
     compiled = None
     if args.compile:
@@ -370,7 +395,7 @@ def print_case(result: dict) -> None:
 
 def check(results: list[dict]) -> list[str]:
     """Targets missed on the first DiT case, as messages (empty: all met)."""
-    dit = next((r for r in results if r["case"]["model"].startswith("dit")), None)
+    dit = next((r for r in results if "dit" in r["case"]["model"]), None)
     if dit is None:
         return ["--check needs a DiT case"]
     train, missed = dit["train"], []
@@ -393,6 +418,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default=None, help="comma-separated subset of the preset's models")
     parser.add_argument("--batch", type=int, default=None, help="override the preset batch size")
     parser.add_argument("--attention", default=None, help=f"comma-separated backends (default: ${ENV_VAR}; GPU: sdpa and jvp_flash)")
+    parser.add_argument("--variants", default=None, help=f"comma-separated subset of {', '.join(LOSSES)} (fm always)")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (du/dt checked first)")
     parser.add_argument("--warmup", type=int, default=3)

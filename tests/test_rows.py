@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from meanflow import MeanFlowLoss
 from meanflow.autodiff.row_mode import RowTangents
 from meanflow.autodiff.rows import RowMixingError, row_jvp
 
@@ -260,3 +261,51 @@ def test_bad_calls_raise():
         RowTangents(2, 3)
     with pytest.raises(ValueError, match="dropout_p > 0"):
         row_jvp(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.1), (rand(B, 1, 3, 2),), (rand(N, 1, 3, 2),))
+
+
+@pytest.mark.parametrize("name", ["dit_sdpa", "unet"])
+def test_meanflow_loss_rows_mode_equals_the_full_batch_reference(name):
+    """jvp='rows' (and 'auto', which picks it for a plain model) against jvp='full': loss, target, du/dt, gradients."""
+    model = user_model(name)
+    x, labels = rand(6, 3, 8, 8, seed=3), (torch.arange(6) % 4 if name == "dit_sdpa" else None)
+    guidance = dict(omega=1.5, kappa=0.3) if name == "dit_sdpa" else {}
+    results = {}
+    for mode in ("rows", "auto", "full"):
+        loss_fn = MeanFlowLoss(ratio=0.5, jvp=mode, **guidance)
+        with sdpa_kernel(SDPBackend.MATH):
+            out = loss_fn.targets(model, x, labels, generator=torch.Generator().manual_seed(4))
+            loss, _ = loss_fn(model, x, labels, generator=torch.Generator().manual_seed(4))
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results[mode] = (loss, out.target, out.dudt, torch.cat([g.flatten() for g in grads]))
+    assert results["rows"][2].abs().max() > 1e-3
+    for mode in ("auto", "full"):
+        for a, b in zip(results["rows"], results[mode]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_mode_takes_the_row_tangent_for_plain_models_and_reports_mixing():
+    class Mixing(torch.nn.Module):
+        num_classes = 0
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+
+        def forward(self, z, r, t, labels=None):
+            return self.net(z) * t[:, None]
+
+    model = Mixing().double()
+    with pytest.raises(RowMixingError, match=r"batch_norm\(\).*BatchNorm in training mode"):
+        MeanFlowLoss(ratio=0.5)(model, rand(6, 3))
+    loss, _ = MeanFlowLoss(ratio=0.5)(model.eval(), rand(6, 3))
+    assert torch.isfinite(loss)
+
+
+def test_compiled_model_runs_eagerly_under_the_row_tangent():
+    """A torch.compile'd model gives the eager model's loss and gradients (the row pass runs it eagerly)."""
+    model = user_model("mlp")
+    grads = []
+    for net in (model, torch.compile(model)):
+        loss, _ = MeanFlowLoss(ratio=0.5, jvp="rows")(net, rand(8, 3, seed=5), generator=torch.Generator().manual_seed(0))
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -135,8 +135,16 @@ def _dist_worker(rank: int, world: int, port: int, out: str, overrides: list[str
         torch.save(D.parameter_checksum(model), Path(out) / f"checksum_rank{info.rank}_step{step}.pt")
         original_check(model, info, step)
 
+    original_wrap = D.data_parallel
+
+    def wrap_spy(model, info, jvp_mode, compiled=False):
+        wrapped = None if broken else original_wrap(model, info, jvp_mode, compiled)
+        (Path(out) / f"ddp_rank{info.rank}.txt").write_text(type(wrapped).__name__)
+        return wrapped
+
     trainer.D.check_in_sync = spy
-    if broken:
+    trainer.D.data_parallel = wrap_spy
+    if broken:  # neither DDP nor the explicit all-reduce: ranks drift apart
         trainer.D.all_reduce_gradients = lambda model, world_size: None
     cfg = load_config("toy", overrides)
     train(cfg, out)
@@ -157,6 +165,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, dist_overrides):
     _spawn(2, tmp_path / "two", dist_overrides)
     sums = [torch.load(tmp_path / "two" / f"checksum_rank{r}_step6.pt") for r in (0, 1)]
     assert torch.equal(sums[0], sums[1]), "parameters differ between ranks"
+    assert (tmp_path / "two" / "ddp_rank0.txt").read_text() == "DistributedDataParallel"  # one-pass JVP: DDP all-reduces
     _spawn(1, tmp_path / "one", dist_overrides)
     _assert_same_training(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"))
 

@@ -11,13 +11,19 @@ Objectives call only this; how the derivative is computed is a *mode*, all exact
 * ``"dual"``: one forward pass over the whole batch, the selected rows first, on
   :class:`~meanflow.autodiff.dual.Dual` values that carry their tangent beside the primal outside
   autograd (models with ``supports_dual = True``; no tangent on r).
+* ``"rows"``: any model written with ordinary torch ops. One plain forward pass over the whole
+  batch, the selected rows first, while :func:`~meanflow.autodiff.rows.row_jvp` carries their
+  tangent beside it outside autograd (a torch-function mode with a tangent rule per op;
+  ``torch.compile``'d code runs eagerly during that pass). An op that mixes rows of the batch
+  (BatchNorm in training mode, a reduction along it) raises
+  :class:`~meanflow.autodiff.rows.RowMixingError`.
 * ``"forward_ad"``: any model. The selected rows go through one forward-mode pass
   (:func:`~meanflow.autodiff.forward_ad.forward_jvp`), the others through a plain forward.
 * ``"full"``: one forward-mode pass over the whole batch (zero tangent on the other rows): the
   reference computation.
 
-``"auto"`` takes the first mode of :data:`AUTO_ORDER` that can run the call. A new mode (the
-general one-pass path for any module, for example) is one :func:`register_mode` call.
+``"auto"`` takes the first mode of :data:`AUTO_ORDER` that can run the call: ``dual`` for models
+that support it, else ``rows``. A new mode is one :func:`register_mode` call.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 
 from .dual import Dual, supports_dual
 from .forward_ad import forward_jvp
+from .rows import row_jvp
 
 
 @dataclass(frozen=True)
@@ -175,16 +182,38 @@ def _dual_unsupported(call: Call, tangent: Tangent) -> str | None:
 
 def _dual(call: Call, rows: Tensor, tangent: Tangent) -> JVPOut:
     """One forward pass, ``rows`` first, with their tangent riding along as :class:`Dual` values."""
-    order = torch.cat([rows, _complement(rows, call.z.shape[0])])
-    ordered = call.take(order)
+    ordered, inverse = _rows_first(call, rows)
     n = rows.numel()
     out = ordered.run(z=Dual(ordered.z, tangent.z.to(ordered.z.dtype)), t=Dual(ordered.t, tangent.time("t", ordered.t[:n])))
     u, v = ordered.split(out)
     if not isinstance(u, Dual):
         raise TypeError(f"{type(call.model).__name__} claims supports_dual but returned {type(u).__name__} for Dual inputs")
-    v = v.primal if isinstance(v, Dual) else v
-    inverse = _inverse(order)
-    return JVPOut(u.primal.index_select(0, inverse), u.tangent, None if v is None else v.index_select(0, inverse))
+    return _in_batch_order(inverse, u.primal, u.tangent, v.primal if isinstance(v, Dual) else v)
+
+
+def _rows(call: Call, rows: Tensor, tangent: Tangent) -> JVPOut:
+    """One plain forward pass, ``rows`` first, with their tangent beside it (:func:`row_jvp`)."""
+    ordered, inverse = _rows_first(call, rows)
+    n = rows.numel()
+    tangents = (
+        tangent.z.to(ordered.z.dtype),
+        tangent.time("r", ordered.r[:n]) if tangent.moves_r else None,
+        tangent.time("t", ordered.t[:n]),
+    )
+    out, out_tangent = row_jvp(lambda z, r, t: ordered.run(z, r, t), (ordered.z, ordered.r, ordered.t), tangents)
+    (u, v), du = ordered.split(out), ordered.split(out_tangent)[0]
+    return _in_batch_order(inverse, u, du, v)
+
+
+def _rows_first(call: Call, rows: Tensor) -> tuple[Call, Tensor]:
+    """The call with ``rows`` first, then the others, and the permutation that restores the batch order."""
+    order = torch.cat([rows, _complement(rows, call.z.shape[0])])
+    return call.take(order), _inverse(order)
+
+
+def _in_batch_order(inverse: Tensor, u: Tensor, du: Tensor, v: Tensor | None) -> JVPOut:
+    """JVPOut with u and v (rows-first order) put back in the batch's order; du stays in the rows' order."""
+    return JVPOut(u.index_select(0, inverse), du, None if v is None else v.index_select(0, inverse))
 
 
 def _forward_ad(call: Call, rows: Tensor, tangent: Tangent) -> JVPOut:
@@ -239,3 +268,4 @@ def _inverse(perm: Tensor) -> Tensor:
 register_mode(JVPMode("dual", _dual, _dual_unsupported))
 register_mode(JVPMode("forward_ad", _forward_ad, lambda call, tangent: None))
 register_mode(JVPMode("full", _full, lambda call, tangent: None), auto=False)
+register_mode(JVPMode("rows", _rows, lambda call, tangent: None), auto_before="forward_ad")

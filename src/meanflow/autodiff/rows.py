@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_map
 from . import row_rules  # noqa: F401  (registers the hand-written rules)
 from .row_mode import RowMixingError, RowTangents
 
-__all__ = ["RowMixingError", "eager", "row_jvp"]
+__all__ = ["RowMixingError", "row_jvp"]
 
 
 def _detached(x: Tensor) -> Tensor:
@@ -26,11 +26,6 @@ def _detached(x: Tensor) -> Tensor:
 
 def _identity(x: Tensor) -> Tensor:
     return x
-
-
-def eager(model: Callable) -> Callable:
-    """The eager module behind a ``torch.compile``'d one (the row tangent runs eagerly), else the model itself."""
-    return getattr(model, "_orig_mod", model)
 
 
 def row_jvp(fn: Callable[..., Any], primals: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> tuple[Any, Any]:
@@ -49,7 +44,9 @@ def row_jvp(fn: Callable[..., Any], primals: Sequence[Tensor], tangents: Sequenc
         does not depend on the tangent inputs).
 
     Equivalent to ``torch.func.jvp`` of ``fn`` on the first n rows for functions that treat each
-    sample on its own; an op that mixes rows raises :class:`RowMixingError`.
+    sample on its own; an op that mixes rows raises :class:`RowMixingError`. ``torch.compile``'d
+    code inside ``fn`` runs eagerly during the call (the mode is Python that dynamo cannot trace):
+    exact, without compile's speed-up.
     """
     batch = {p.shape[0] for p in primals if p.ndim}
     rows = {t.shape[0] for t in tangents if t is not None}
@@ -65,7 +62,7 @@ def row_jvp(fn: Callable[..., Any], primals: Sequence[Tensor], tangents: Sequenc
         if t.shape[1:] != p.shape[1:]:
             raise ValueError(f"a tangent must have its primal's shape after dimension 0: {tuple(t.shape)} for {tuple(p.shape)}")
         mode.set(p, t.detach(), 0)
-    with mode, torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
+    with torch.compiler.set_stance("force_eager"), mode, torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
         out = fn(*primals)
     return out, tree_map(lambda o: _output_tangent(mode, o), out)
 

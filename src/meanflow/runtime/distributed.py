@@ -1,10 +1,18 @@
 """Process-group helpers for torchrun (NCCL on GPUs, gloo on CPU).
 
-``torch.func.jvp`` cannot run through a DistributedDataParallel wrapper, and calling the inner
-module silently skips DDP's gradient all-reduce. We therefore never wrap the model: after every
-backward pass :func:`all_reduce_gradients` averages the gradients of all ranks explicitly, which is
-correct whatever the loss did with forward-mode AD, and :func:`check_in_sync` verifies that the
-parameters agree on every rank (run at the first step and on demand).
+Gradients are averaged over ranks in one of two ways (:func:`data_parallel` picks):
+
+* ``DistributedDataParallel`` when the loss runs the model's forward once with gradients: Flow
+  Matching, and MeanFlow with the one-pass JVP modes ("dual", "rows", and "auto", which takes
+  one of them), whose tangent rides outside autograd. DDP's bucketed all-reduce overlaps the
+  backward pass.
+* Otherwise (forward-mode AD, "forward_ad" / "full": ``torch.func.jvp`` cannot run through DDP,
+  and calling the inner module would skip DDP's all-reduce silently; and under
+  ``train.compile``) the model is not wrapped and :func:`all_reduce_gradients` averages the
+  gradients explicitly after the backward pass.
+
+:func:`check_in_sync` verifies that the parameters agree on every rank (at the first step and
+on demand) either way.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,22 @@ def setup(device: str = "auto") -> DistInfo:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+ONE_FORWARD_JVP_MODES = ("auto", "dual", "rows")  # JVP modes whose loss runs one forward pass with gradients
+
+
+def data_parallel(model: nn.Module, info: DistInfo, jvp_mode: str | None, compiled: bool = False) -> nn.Module | None:
+    """``DistributedDataParallel(model)`` when several processes train with a one-forward loss, else None.
+
+    ``jvp_mode`` is the objective's ``jvp`` option (None: an objective without a JVP, one forward
+    pass). When None is returned the caller averages gradients with :func:`all_reduce_gradients`.
+    Buffers are not broadcast: they are deterministic functions of the configuration here.
+    """
+    if not info.enabled or compiled or (jvp_mode is not None and jvp_mode not in ONE_FORWARD_JVP_MODES):
+        return None
+    devices = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=devices, broadcast_buffers=False)
 
 
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:

@@ -88,7 +88,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     batches = step_batches(train_set, order, state.step, cfg.train.steps, info.rank, info.world_size,
                            cfg.train.num_workers, pin_memory=info.device.type == "cuda")
     local = cfg.train.batch_size // info.world_size
-    forward = _maybe_compile(model, cfg)
+    ddp = D.data_parallel(model, info, cfg.objective.resolved().get("jvp"), compiled=cfg.train.compile)
+    forward = ddp or _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
     diagnostics = Diagnostics()
     stop = _StopFlag()
@@ -107,7 +108,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             diagnostics.update(targets, getattr(loss_fn, "weighted", _unweighted))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            D.all_reduce_gradients(model, info.world_size)
+            if ddp is None:
+                D.all_reduce_gradients(model, info.world_size)
             grad_norm = _grad_norm(model, cfg.train.grad_clip)
             stats = D.mean_over_ranks({**stats, "grad_norm": grad_norm, "stop": float(stop.requested)}, info)
             state.step += 1
