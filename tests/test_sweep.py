@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from meanflow.config import ConfigError
+from meanflow.runtime.checkpoint import save_checkpoint
 from meanflow.training import sweep
 
 TINY = {
@@ -119,3 +120,43 @@ def test_shipped_sweeps_resolve_to_valid_configs():
         spec, _ = sweep.load_spec(name)
         for run in sweep.plan(spec):
             sweep.run_config(spec, run)
+
+
+def test_shards_split_the_runs_between_processes(tmp_path):
+    spec, _ = sweep.load_spec(_spec(tmp_path, seeds=[0, 1, 2]))
+    done = []
+
+    def fake_train(cfg, directory, resume):
+        done.append(directory)
+        save_checkpoint(directory / "checkpoints", cfg.train.steps, {"meta.json": {"step": cfg.train.steps}}, keep=1)
+
+    def fake_finish(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "metrics.json").write_text(json.dumps({"results": {"meanflow_1nfe": {"sliced_w2": 1.0}}}))
+
+    out = tmp_path / "out"
+    sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=fake_finish, log=lambda _: None, shard=(1, 2))
+    every = [run.directory(out) for run in sweep.plan(spec)]
+    assert done == every[1::2]
+    rows = sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=fake_finish, log=lambda _: None, shard=(0, 2))
+    assert sorted(done) == sorted(every) and len(rows) == len(every)
+    finished = []
+    sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=finished.append, log=lambda _: None, rescore=True)
+    assert finished == every and sorted(done) == sorted(every), "rescoring evaluates every finished run, trains none"
+    with pytest.raises(ConfigError, match="shard 2/2 does not exist"):
+        sweep.run_sweep(spec, out, shard=(2, 2))
+
+
+def test_an_interrupted_run_stops_the_sweep_unevaluated(tmp_path):
+    spec, _ = sweep.load_spec(_spec(tmp_path))
+    calls = []
+
+    def interrupted(cfg, directory, resume):  # saves a checkpoint half-way, as SIGTERM does
+        calls.append(resume)
+        save_checkpoint(directory / "checkpoints", cfg.train.steps // 2, {"meta.json": {"step": cfg.train.steps // 2}}, keep=1)
+
+    out = tmp_path / "out"
+    rows = sweep.run_sweep(spec, out, train_fn=interrupted, finish_fn=lambda d: pytest.fail("evaluated an unfinished run"), log=lambda _: None)
+    assert rows == [] and calls == [False]
+    sweep.run_sweep(spec, out, train_fn=interrupted, finish_fn=lambda d: None, log=lambda _: None)
+    assert calls == [False, True], "the second start resumes the interrupted run"

@@ -15,16 +15,20 @@ from ..training import sweep
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of configs x seeds and tabulate the metrics", description=__doc__)
-    p.add_argument("spec", help="sweep spec: a shipped name (configs/sweeps/NAME.yaml) or a YAML file")
+    p.add_argument("spec", nargs="+", metavar="SPEC [key=value ...]",
+                   help="sweep spec (a shipped name, configs/sweeps/NAME.yaml, or a YAML file), then overrides applied "
+                   "to every run after the spec's own")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/sweeps/<spec name>)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument("--table-only", action="store_true", help="only (re)write the table and plots from the finished runs")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run after the spec's own")
+    p.add_argument("--rescore", action="store_true", help="evaluate finished runs again (after the evaluation changed)")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="run only runs I, I+N, I+2N, ... (N processes share a sweep)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, path = sweep.load_spec(args.spec)
+    spec, path = sweep.load_spec(args.spec[0])
+    args.overrides = args.spec[1:]
     out = Path(args.out or Path("runs") / "sweeps" / path.stem)
     if args.dry_run:
         for item in sweep.plan(spec):
@@ -33,8 +37,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{item.label} seed {item.seed}: {state} ({item.directory(out)})")
         return 0
     if not args.table_only:
-        sweep.run_sweep(spec, out, args.overrides)
+        sweep.run_sweep(spec, out, args.overrides, shard=_shard(args.shard), rescore=args.rescore)
     paths = sweep.write_summary(spec, out, title=spec.description or path.stem)
     print(paths["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise ValueError(f"--shard must look like I/N (for example 0/2), got {text!r}")
+    return int(index), int(count)

@@ -14,7 +14,7 @@ from torch import nn
 from .. import objectives
 from ..config import load_config
 from ..data import load_dataset
-from ..metrics.pointcloud import energy_distance, sliced_wasserstein
+from ..metrics.pointcloud import energy_distance, histogram_tv, sliced_wasserstein
 from ..models.loading import OFFICIAL_SUFFIXES, load_model
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
@@ -37,7 +37,7 @@ def evaluate_points(
     model: nn.Module, reference: torch.Tensor, plan: list[tuple[str, int]], num: int, seed: int,
     device: str | torch.device = "cpu", train_points: torch.Tensor | None = None, batch_size: int = 1000, **guidance,
 ) -> dict[str, Any]:
-    """Sliced W2 and energy distance of samples from each sampler vs held-out points (N, D).
+    """Sliced W2, energy distance and (2-D points) histogram TV of each sampler's samples vs held-out points (N, D).
 
     ``train_points`` (optional) gives the noise floor: the same metrics between training data and the
     reference at equal sample count. ``guidance``: ``omega`` / ``interval`` for iMF-style models.
@@ -47,7 +47,10 @@ def evaluate_points(
 
     def score(x: torch.Tensor) -> dict[str, float]:
         gen = torch.Generator().manual_seed(seed)
-        return {"sliced_w2": sliced_wasserstein(x.double(), ref, generator=gen), "energy_distance": energy_distance(x.double(), ref)}
+        out = {"sliced_w2": sliced_wasserstein(x.double(), ref, generator=gen), "energy_distance": energy_distance(x.double(), ref)}
+        if ref.shape[1] == 2:
+            out["histogram_tv"] = histogram_tv(x, ref)
+        return out
 
     for method, steps in plan:
         samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, batch_size=batch_size,

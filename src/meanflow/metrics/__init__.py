@@ -11,7 +11,7 @@ from .image_metrics import (
     precision_recall,
 )
 from .inception import InceptionFeatures, resolve_inception_weights
-from .pointcloud import energy_distance, sliced_wasserstein
+from .pointcloud import energy_distance, histogram_tv, sliced_wasserstein
 
 __all__ = [
     "DigitsClassifier",
@@ -23,6 +23,7 @@ __all__ = [
     "energy_distance",
     "feature_statistics",
     "frechet_distance",
+    "histogram_tv",
     "image_statistics",
     "images_to_nchw",
     "inception_score",

@@ -1,4 +1,5 @@
-"""Distances between point clouds: sliced Wasserstein-2 and energy distance (float64 throughout).
+"""Distances between point clouds: sliced Wasserstein-2, energy distance and, for 2-D points, the
+total variation between histograms (float64 throughout).
 
 Both take two samples x (N, D) and y (M, D) (torch tensors or numpy arrays; N and M may differ)
 and return a Python float that is 0 for identical sets and grows with the discrepancy.
@@ -73,6 +74,34 @@ def energy_distance(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) 
     x, y = _as_float64(x, y)
     squared = 2 * _mean_distance(x, y) - _mean_distance(x, x) - _mean_distance(y, y)
     return max(squared, 0.0) ** 0.5
+
+
+def histogram_tv(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, bins: int = 20) -> float:
+    """Total variation 1/2 sum_cells |p_x - p_y| between 2-D histograms of x (N, 2) and y (M, 2), in [0, 1].
+
+    The grid has ``bins`` x ``bins`` equal cells over y's bounding box widened by 5% on each side;
+    points of x outside it fall in one extra cell. Unlike sliced W2 and energy distance, which see
+    mostly the large-scale layout, it counts the mass put where the reference has little: a blur
+    over a checkerboard scores about 0.5, the sharp board only its sampling noise.
+    """
+    x, y = _as_float64(x, y)
+    if x.shape[1] != 2:
+        raise ValueError(f"histogram_tv compares 2-D points, got dimension {x.shape[1]}")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    low, high = y.min(0).values, y.max(0).values
+    pad = 0.05 * (high - low).clamp(min=1e-12)
+    low, high = low - pad, high + pad
+    p, q = _histogram(x, low, high, bins), _histogram(y, low, high, bins)
+    return 0.5 * float((p - q).abs().sum())
+
+
+def _histogram(points: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int) -> torch.Tensor:
+    """Normalised counts (bins * bins + 1,) of points (N, 2) in the grid over [low, high]; the last cell is outside."""
+    cell = ((points - low) / (high - low) * bins).floor().long()  # (N, 2)
+    inside = ((cell >= 0) & (cell < bins)).all(1)
+    index = torch.where(inside, cell[:, 0] * bins + cell[:, 1], torch.full_like(cell[:, 0], bins * bins))
+    return torch.bincount(index, minlength=bins * bins + 1).double() / points.shape[0]
 
 
 def _mean_distance(a: torch.Tensor, b: torch.Tensor) -> float:

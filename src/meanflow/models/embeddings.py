@@ -89,23 +89,37 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)
 
 
+#: what the network is told about time (paper Table 1c); h = t - r. "t,h" is the paper's choice and
+#: our default; the others exist for the ablation (configs/sweeps/table1c-time-input.yaml).
+TIME_INPUTS = {"t,h": ("t", "h"), "t,r": ("t", "r"), "h": ("h",), "t,r,h": ("t", "r", "h")}
+
+
 class MeanFlowConditioning(nn.Module):
     """Embeds (r, t, label) into one vector: emb_t(t) + emb_h(t - r) [+ emb_y(label)].
 
-    ``labels=None`` (or a model without classes) means unconditional; for a class-conditional
-    model ``labels=None`` is read as "all null", i.e. the unconditional branch of CFG.
+    ``time_input`` chooses the time embeddings that are summed (:data:`TIME_INPUTS`): "t,h"
+    (default, emb_t(t) + emb_h(t - r)), "t,r", "h" (t - r only) or "t,r,h". ``labels=None`` (or a
+    model without classes) means unconditional; for a class-conditional model ``labels=None`` is
+    read as "all null", i.e. the unconditional branch of CFG.
     """
 
-    def __init__(self, hidden: int, num_classes: int = 0, frequency_dim: int = 256):
+    def __init__(self, hidden: int, num_classes: int = 0, frequency_dim: int = 256, time_input: str = "t,h"):
         super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {', '.join(repr(k) for k in TIME_INPUTS)} (h = t - r), got {time_input!r}")
         self.num_classes = num_classes
-        self.t_embed = TimestepEmbedder(hidden, frequency_dim)
-        self.h_embed = TimestepEmbedder(hidden, frequency_dim)
+        self.time_input = time_input
+        for name in TIME_INPUTS[time_input]:
+            self.add_module(f"{name}_embed", TimestepEmbedder(hidden, frequency_dim))
         self.y_embed = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
 
     def forward(self, r: torch.Tensor, t: torch.Tensor | Dual, labels: torch.Tensor | None = None) -> torch.Tensor | Dual:
         """r, t: (B,); labels: (B,) int64 or None. Returns (B, hidden) (a Dual for a Dual t)."""
-        c = self.t_embed(t) + self.h_embed(t - r)
+        times = {"t": t, "r": r, "h": t - r}
+        names = TIME_INPUTS[self.time_input]
+        c = getattr(self, f"{names[0]}_embed")(times[names[0]])
+        for name in names[1:]:
+            c = c + getattr(self, f"{name}_embed")(times[name])
         if self.y_embed is not None:
             if labels is None:
                 labels = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)

@@ -27,18 +27,21 @@ class ResidualBlock(nn.Module):
 class MLP(nn.Module):
     """u(z, r, t, labels): (B, dim) -> (B, dim), conditioned on emb_t(t) + emb_h(t - r).
 
+    ``time_input`` changes what the network is told about time ("t,h" default; "t,r", "h" = t - r
+    only and "t,r,h" for the paper's Table 1c ablation, see ``embeddings.TIME_INPUTS``).
     z and t may be :class:`meanflow.autodiff.dual.Dual` values (the MeanFlow JVP rides along the forward).
     """
 
     supports_dual = True
 
-    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0):
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0,
+                 time_input: str = "t,h"):
         super().__init__()
         if dim < 1 or width < 1 or depth < 1:
             raise ValueError(f"MLP needs dim, width, depth >= 1, got {dim}, {width}, {depth}")
         self.dim = dim
         self.num_classes = num_classes
-        self.cond = MeanFlowConditioning(width, num_classes, frequency_dim=min(256, 4 * width))
+        self.cond = MeanFlowConditioning(width, num_classes, frequency_dim=min(256, 4 * width), time_input=time_input)
         self.inp = dual.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
         self.out = nn.Sequential(dual.LayerNorm(width), dual.SiLU(), dual.Linear(width, dim))

@@ -138,28 +138,41 @@ def run_config(spec: SweepSpec, run: SweepRun, extra: list[str] = ()) -> Config:
 
 def run_sweep(
     spec: SweepSpec, out: str | Path, extra: list[str] = (), train_fn: Callable | None = None,
-    finish_fn: Callable | None = None, log: Callable[[str], None] = print,
+    finish_fn: Callable | None = None, log: Callable[[str], None] = print, shard: tuple[int, int] = (0, 1),
+    rescore: bool = False,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished run of ``spec`` under ``out``; return :func:`collect`'s rows.
 
     ``extra``: ``key=value`` overrides applied to every run after the spec's own (e.g. fewer steps).
-    ``train_fn(cfg, out, resume)`` and ``finish_fn(run_dir)`` default to the trainer and to an
-    evaluation writing ``metrics.json``.
+    ``shard=(i, n)``: only runs number i, i + n, i + 2n, ... (n processes, each with its own i,
+    share a sweep without touching each other's runs). ``rescore``: evaluate finished runs again
+    (after the evaluation changed) instead of skipping them. ``train_fn(cfg, out, resume)`` and
+    ``finish_fn(run_dir)`` default to the trainer and to an evaluation writing ``metrics.json``.
     """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count} does not exist: use i/n with 0 <= i < n")
     train_fn = train_fn or train
     finish_fn = finish_fn or write_metrics
     out = Path(out)
     runs = plan(spec)
     configs = [run_config(spec, run, extra) for run in runs]  # validate every run before training any
     for i, (run, cfg) in enumerate(zip(runs, configs)):
+        if i % count != index:
+            continue
         directory = run.directory(out)
         if _finished(directory):
-            log(f"[{i + 1}/{len(runs)}] {run.label} seed {run.seed}: finished, skipped")
+            log(f"[{i + 1}/{len(runs)}] {run.label} seed {run.seed}: finished, {'evaluated again' if rescore else 'skipped'}")
+            if rescore:
+                finish_fn(directory)
             continue
         resume = latest_checkpoint(directory / "checkpoints") is not None
         log(f"[{i + 1}/{len(runs)}] {run.label} seed {run.seed}: {'resuming' if resume else 'training'} in {directory}")
         if not (resume and _trained(directory, cfg)):
             train_fn(cfg, directory, resume)
+            if not _trained(directory, cfg):
+                log(f"stopped before {run.label} seed {run.seed} reached step {cfg.train.steps}; run the same command to continue")
+                break
         finish_fn(directory)
     return collect(spec, out)
 
