@@ -19,4 +19,5 @@ def tiny_toy_overrides():
     return [
         "model.kwargs={width: 32, depth: 2}", "data.num_samples=2048", "data.holdout=256",
         "train.batch_size=64", "train.log_every=10", "train.warmup_steps=0", "eval.num_samples=256",
+        "train.device=cpu",  # the multi-process tests compare with gloo on the CPU, also on a machine with GPUs
     ]

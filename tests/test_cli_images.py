@@ -8,7 +8,7 @@ from PIL import Image
 from meanflow.cli import main
 
 TINY_DIGITS = ["--config", "digits", "--no-eval", "train.steps=2", "train.batch_size=8", "train.checkpoint_every=2",
-               "train.sample_every=2", "train.log_every=1", "model.kwargs={model_channels: 8, attn_resolutions: []}"]
+               "train.sample_every=2", "train.log_every=1", "train.device=cpu", "model.kwargs={model_channels: 8, attn_resolutions: []}"]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from meanflow.runtime import checkpoint as ckpt
 from meanflow.runtime.seeding import step_generator
 
 TOY = ["--config", "toy", "model.kwargs={width: 32, depth: 2}", "data.num_samples=2048", "data.holdout=300",
-       "train.batch_size=64", "train.steps=3", "train.checkpoint_every=3", "train.warmup_steps=0",
+       "train.batch_size=64", "train.device=cpu", "train.steps=3", "train.checkpoint_every=3", "train.warmup_steps=0",
        "train.ema_decays=[0.5]", "eval.num_samples=200", "eval.baseline_ode_steps=5", "eval.steps=[1, 3]"]
 
 
@@ -171,7 +171,7 @@ def test_eval_fid_stats_of_an_image_run_recomputed(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation_images, "InceptionFeatures", ProjectionFeatures)
     run = tmp_path / "digits"
     assert main(["train", "--out", str(run), "--config", "digits", "--no-eval", "train.steps=2", "train.batch_size=8",
-                 "train.checkpoint_every=2", "train.ema_decays=[0.5]", "model.kwargs={model_channels: 8, attn_resolutions: []}"]) == 0
+                 "train.checkpoint_every=2", "train.device=cpu", "train.ema_decays=[0.5]", "model.kwargs={model_channels: 8, attn_resolutions: []}"]) == 0
     rng = np.random.default_rng(0)
     mu, root = rng.normal(size=6) * 0.1, rng.normal(size=(6, 6)) * 0.3
     sigma = root @ root.T

@@ -347,13 +347,17 @@ def silu(x: Tensor | Dual) -> Tensor | Dual:
 
 
 def dropout(x: Tensor | Dual, p: float, training: bool) -> Tensor | Dual:
-    """F.dropout; a Dual's tangent rows get the same mask as their primal rows."""
+    """F.dropout; a Dual's tangent rows get the same mask as their primal rows.
+
+    The mask is F.dropout of ones, so a mode that replaces dropout masks (per-sample masks in
+    training, :mod:`meanflow.runtime.per_sample`) replaces this one too.
+    """
     if not isinstance(x, Dual):
         return F.dropout(x, p, training)
     if not training or p == 0.0:
         return x
     with torch.no_grad():
-        keep = torch.empty_like(x.primal).bernoulli_(1.0 - p).div_(1.0 - p)
+        keep = F.dropout(torch.ones_like(x.primal), p, True)  # mask / (1 - p)
     return Dual(x.primal * keep, x.tangent * keep[: x.rows])
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..runtime.per_sample import model_rows
 from .dual import Dual, supports_dual
 from .forward_ad import forward_jvp
 from .rows import row_jvp
@@ -71,19 +72,24 @@ class Call:
     labels: Tensor | None = None
     conditioning: dict[str, Tensor] = field(default_factory=dict)
     return_v: bool = False
+    rows: Tensor | None = None  # which rows of the caller's batch these are (None: all, in order)
 
     def take(self, index: Tensor) -> "Call":
         """The same call on rows ``index`` (n,)."""
         return replace(
-            self, z=self.z[index], r=self.r[index], t=self.t[index],
+            self, z=self.z[index], r=self.r[index], t=self.t[index], rows=index if self.rows is None else self.rows[index],
             labels=None if self.labels is None else self.labels[index],
             conditioning={k: v[index] for k, v in self.conditioning.items()},
         )
 
     def run(self, z: Any = None, r: Any = None, t: Any = None) -> Any:
-        """The model's output with z, r, t replaced where given (tensors, Duals or dual tensors)."""
+        """The model's output with z, r, t replaced where given (tensors, Duals or dual tensors).
+
+        Per-sample randomness inside the model (dropout) follows the rows (:func:`model_rows`).
+        """
         extra = dict(self.conditioning, return_v=True) if self.return_v else self.conditioning
-        return self.model(self.z if z is None else z, self.r if r is None else r, self.t if t is None else t, self.labels, **extra)
+        with model_rows(self.rows):
+            return self.model(self.z if z is None else z, self.r if r is None else r, self.t if t is None else t, self.labels, **extra)
 
     def split(self, out: Any) -> tuple[Any, Any]:
         """(u, v) of a model output; v is None without ``return_v``."""

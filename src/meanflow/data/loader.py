@@ -28,7 +28,12 @@ class StepBatches(torch.utils.data.Dataset):
         return max(self.stop - self.start, 0)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.data.get(self.order.local_indices(self.start + i, self.rank, self.world_size))
+        """The data set is asked for the whole global batch and this rank keeps its slice, so randomness
+        inside the data set (the VAE posterior draws of latents) is the same for any number of processes."""
+        x, labels = self.data.get(self.order.global_indices(self.start + i))
+        size = self.order.global_batch // self.world_size
+        local = slice(self.rank * size, (self.rank + 1) * size)
+        return x[local], None if labels is None else labels[local]
 
 
 def step_batches(data: Dataset, order: GlobalBatchOrder, start: int, stop: int, rank: int = 0, world_size: int = 1,

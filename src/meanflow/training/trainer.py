@@ -1,7 +1,8 @@
 """The training loop: read top to bottom.
 
 One step: take this rank's shard of the global batch, draw all randomness from generators seeded
-by (seed, step), compute the loss, backpropagate, average gradients over ranks explicitly, skip
+by (seed, step) for the whole global batch (dropout masks inside the model too, per global sample:
+:mod:`meanflow.runtime.per_sample`), compute the loss, backpropagate, average gradients over ranks explicitly, skip
 the step if anything is non-finite, otherwise update the weights and the EMA. Checkpoints are
 atomic and carry everything needed to continue bit-for-bit.
 """
@@ -29,6 +30,7 @@ from ..models.loading import build_model, model_spec
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
+from ..runtime.per_sample import PerSampleDropout
 from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
 from .builders import build_loss, build_optimizer, learning_rate
 from .diagnostics import Diagnostics
@@ -100,8 +102,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg.train)
             x, labels, cond = _batch(*next(batches), step, info, cfg, augment)
-            torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 2))  # dropout masks
-            with autocast:
+            rows = torch.arange(info.rank * local, (info.rank + 1) * local, device=info.device)  # this shard's global sample indices
+            with autocast, PerSampleDropout(cfg.seed, step, rows, cfg.train.batch_size):
                 loss, stats, targets = loss_fn.loss_and_targets(
                     forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
                     shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
