@@ -121,6 +121,26 @@ def test_a_replay_by_generator_state_gets_the_same_mask():
     assert not torch.equal(again, out), "a second dropout call of the same forward draws a new mask"
 
 
+def test_row_tangents_share_the_per_sample_mask():
+    """The row-subset JVP (autodiff.rows) replays dropout on ones: its tangent gets the same per-sample
+    mask as the primal, so it equals forward-mode AD of the same masked function."""
+    import torch.autograd.forward_ad as fwAD
+
+    from meanflow.autodiff.rows import row_jvp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.4), nn.Tanh(), nn.Linear(16, 2))
+    x, dx = torch.randn(8, 3), torch.randn(3, 3)
+    with PerSampleDropout(2, 9, torch.arange(8), 8):
+        with model_rows(None):
+            out, tangent = row_jvp(net, (x,), (dx,))
+        with model_rows(None), fwAD.dual_level():
+            dual = net(fwAD.make_dual(x, torch.cat([dx, torch.zeros(5, 3)])))
+            primal, reference = fwAD.unpack_dual(dual)
+    torch.testing.assert_close(out, primal, rtol=0, atol=0)
+    torch.testing.assert_close(tangent, reference[:3], rtol=1e-6, atol=1e-6)
+
+
 def test_a_dropout_that_does_not_see_the_batch_first_is_an_error():
     with PerSampleDropout(0, 0, torch.arange(4), 4), pytest.raises(RuntimeError, match="batch as the first dimension"):
         F.dropout(torch.ones(3, 4), 0.1, True)
