@@ -47,7 +47,8 @@ class PerSampleDropout(TorchFunctionMode):
 
     Args:
         seed, step: the run's seed and the step; the default generators are seeded from them on entry.
-        rows: (B,) int64 global indices of the local batch's rows (rank k of W: k B + arange(B)).
+        rows: (B,) int64 global indices of the local batch's rows (rank k of W: k B + arange(B)), on the
+            model's device (nothing is then copied between host and device).
         total: the global batch size (rows of a model input that stacks the batch c times get the
             indices ``rows + c * total``).
     """
@@ -55,7 +56,7 @@ class PerSampleDropout(TorchFunctionMode):
     def __init__(self, seed: int, step: int, rows: Tensor, total: int):
         super().__init__()
         self.seed = derive_seed(seed, step, STREAMS["dropout"])
-        self.base, self.total = rows.cpu().long(), int(total)
+        self.base, self.total = rows.long(), int(total)
         self.current = self.base
 
     def __enter__(self) -> "PerSampleDropout":
@@ -112,7 +113,7 @@ def model_rows(index: Tensor | None) -> Iterator[None]:
         return
     mode = _ACTIVE[-1]
     previous = mode.current
-    mode.current = mode.base if index is None else mode.base[index.cpu()]
+    mode.current = mode.base if index is None else mode.base[index.to(mode.base.device)]
     torch.manual_seed(mode.seed)
     try:
         yield
