@@ -111,8 +111,8 @@ def test_defaults_mean_no_guidance_and_null_label():
 def test_fresh_model_starts_at_zero_with_official_shapes():
     model = create("imf-tiny/2", in_channels=1, input_size=8, num_classes=10)
     assert model(torch.randn(2, 1, 8, 8), torch.zeros(2), torch.ones(2)).abs().max() == 0
-    assert model.prefix_tokens == 20 and model.rope_cos.shape == (20 + 16, 16)
-    assert int(128 * 8 / 3) == model.u_heads[0].mlp.w1.out_features
+    assert model.prefix_tokens == 20 and model.rope_cos.shape == (20 + 16, 8)
+    assert int(64 * 8 / 3) == model.u_heads[0].mlp.w1.out_features
     assert len(model.shared_blocks) == 2 and len(model.u_heads) == len(model.v_heads) == 2
 
 

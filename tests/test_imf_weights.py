@@ -123,7 +123,7 @@ def test_round_trip_of_our_weights_through_the_official_layout(tmp_path):
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    official = official_state(hidden=128, heads=4, shared=2, head_depth=2)
+    official = official_state(hidden=64, heads=4, shared=2, head_depth=2)
     mine = ours.state_dict()
     for key in official:
         name = key[4:].replace("._flax_linear.", ".").replace(".embedding_table._flax_embedding.", ".")

@@ -284,7 +284,7 @@ IMF_PRESETS = {
     "imf-xl/2": (48, 1024, 16, 2),
 }
 # Small model for CPU work (8x8 digits): 2 shared blocks, heads of 2 blocks.
-IMF_SMALL_PRESETS = {"imf-tiny/2": (4, 128, 4, 2, 2)}
+IMF_SMALL_PRESETS = {"imf-tiny/2": (4, 64, 4, 2, 2)}
 
 # Official sampling settings of the released checkpoints, per NFE: (omega, (t_min, t_max)).
 # From the official evaluation commands (README of the `torch` branch, configs/eval_config.yml).
