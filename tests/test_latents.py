@@ -323,3 +323,19 @@ def test_sample_cli_on_a_released_imf_checkpoint(setup, tmp_path):
     expected = ((images.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert written["samples"].shape == (3, 64, 64, 3) and written["labels"].tolist() == [1, 4, 1]
     assert np.abs(written["samples"].astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("name, model, steps", [("imagenet-imf-b2", "imf-b/2", [1]), ("imagenet-imf-m2", "imf-m/2", [1]),
+                                                ("imagenet-imf-l2", "imf-l/2", [1]), ("imagenet-imf-xl2", "imf-xl/2", [1, 2])])
+def test_imagenet_imf_configs(name, model, steps):
+    """The official iMF recipe: AdamW(0.9, 0.95) without decay, lr 1e-4 after 10 warm-up epochs, batch 1024, 640 epochs, EMA 0.9999, fp32."""
+    cfg = load_config(name)
+    assert cfg.model.name == model and cfg.eval.steps == steps
+    assert (cfg.data.name, cfg.data.flip, cfg.data.latent_norm) == ("latents", False, "imf")
+    per_epoch = 1_281_167 // 1024  # the official loader drops the last partial batch
+    assert (cfg.train.steps, cfg.train.warmup_steps, cfg.train.batch_size) == (640 * per_epoch, 10 * per_epoch, 1024)
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay) == ("adamw", 1e-4, [0.9, 0.95], 0.0)
+    assert (cfg.train.ema_decays, cfg.train.precision, cfg.train.grad_clip) == ([0.9999], "fp32", 0.0)
+    o = cfg.objective
+    assert (o.kind, o.ratio, o.mu, o.sigma, o.omega_max, o.omega_beta, o.label_drop, o.weight_power, o.weight_eps) == \
+        ("imf", 0.5, -0.4, 1.0, 7.0, 1.0, 0.1, 1.0, 0.01)
