@@ -183,3 +183,11 @@ def test_sampling_equals_the_official_generate_loop(tmp_path):
             z = z - (t - r) * official_forward(state, z, full(t), full(t - r), full(omega), full(lo), full(hi), y, heads=2)
         ours = meanflow.sample(model, noise, steps=steps, labels=y, omega=omega, interval=(lo, hi))
         assert (ours - z).abs().max() <= 1e-5 * z.abs().max()
+
+
+def test_eval_of_a_released_checkpoint_needs_reference_statistics(tmp_path):
+    from meanflow.evaluation import evaluate_run
+
+    torch.save(official_state(), tmp_path / "iMF-test.pth")
+    with pytest.raises(ValueError, match="--fid-stats"):
+        evaluate_run(tmp_path / "iMF-test.pth", omega=8.0, interval=(0.4, 0.65))
