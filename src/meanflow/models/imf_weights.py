@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,20 +82,28 @@ def load_official_imf(path: str | Path, preset: str | None = None, input_size: i
     those sizes. ``preset`` (e.g. ``"imf-b/2"``), when given, must be what the file holds.
     """
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return official_imf_from_state(state, str(path), preset, input_size).to(device)
+
+
+def official_imf_from_state(state: Any, source: str, preset: str | None = None, input_size: int = 32) -> IMFDiT:
+    """:func:`load_official_imf` on an already loaded object ``state`` (``source`` names it in errors)."""
     if not isinstance(state, dict) or not is_official_imf(state):
-        raise ValueError(f"{str(path)!r} is not an official iMF checkpoint (the state dict of iMeanFlow(eval=True), keys net.*)")
+        raise ValueError(f"{source!r} is not an official iMF checkpoint (the state dict of iMeanFlow(eval=True), keys net.*)")
     state = rename_official(state)
     arch = official_architecture(state)
     found = official_preset(arch)
     if preset is not None and preset.lower() != found:
-        raise ValueError(f"{str(path)!r} holds {found or 'an iMF model of no official size'} ({_describe(arch)}), not {preset!r}")
-    shape = dict(in_channels=arch["in_channels"], input_size=input_size, num_classes=arch["num_classes"], v_head=False)
-    if found is not None:
-        model = create(found, **shape)
-    else:
-        model = IMFDiT(**shape, **{k: arch[k] for k in ("depth", "hidden", "heads", "patch", "head_depth")})
-    load_checked(model, state, str(path))
-    return model.to(device).eval()
+        raise ValueError(f"{source!r} holds {found or 'an iMF model of no official size'} ({_describe(arch)}), not {preset!r}")
+    kwargs = official_spec_kwargs(arch, input_size)
+    model = create(found, **kwargs) if found else IMFDiT(**kwargs)  # a size of no preset: no released guidance settings
+    load_checked(model, state, source)
+    return model.eval()
+
+
+def official_spec_kwargs(arch: dict[str, int], input_size: int = 32) -> dict[str, Any]:
+    """Constructor arguments of the inference model for weights of architecture ``arch`` (every size explicit)."""
+    sizes = {k: arch[k] for k in ("depth", "hidden", "heads", "patch", "head_depth")}
+    return dict(in_channels=arch["in_channels"], input_size=input_size, num_classes=arch["num_classes"], v_head=False, **sizes)
 
 
 def _describe(arch: dict[str, int]) -> str:
