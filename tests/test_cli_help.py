@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 
 import pytest
@@ -65,3 +66,15 @@ def test_fid_stats_flags_are_read_only_where_they_apply():
         check_flags_apply(parse(["fid-stats", "digits", "--download", "--out", "s.npz"]))
     with pytest.raises(ValueError, match=r"--weights.*--feature inception"):
         check_flags_apply(parse(["fid-stats", "digits", "--feature", "digits", "--weights", "w.pth", "--out", "s.npz"]))
+
+
+def test_an_options_default_and_range_are_declared_once_and_read_everywhere():
+    from meanflow.config import ConfigError, EvalConfig, TrainConfig, declared_option
+    from meanflow.sampling import generate
+
+    batch = declared_option(EvalConfig, "batch_size")
+    assert build_parser().parse_args(["sample", "--run", "r", "--out", "s.npz"]).batch_size == batch.default == EvalConfig().batch_size
+    assert inspect.signature(generate).parameters["batch_size"].default == batch.default
+    workers = declared_option(TrainConfig, "num_workers")
+    with pytest.raises(ConfigError, match=rf"train.num_workers must be an integer >= 0; got -1 \({workers.doc}\)"):
+        load_config("toy", ["train.num_workers=-1"])

@@ -32,6 +32,27 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+def setting(default: Any, **checks: Any) -> Any:
+    """A config field whose default and allowed values (``low``, ``high``, ``above``, ``choices``,
+    ``doc``; see :class:`meanflow.options.Option`) are written here, once, next to the field.
+    :func:`validate` checks them; the CLI and constructors read the same declaration."""
+    return field(default=default, metadata={"option": opts.Option(default, **checks)})
+
+
+def _declared(cls: type) -> type:
+    """Name each field's Option after its field (dataclass fields get no ``__set_name__`` call)."""
+    for spec in dataclasses.fields(cls):
+        if "option" in spec.metadata:
+            spec.metadata["option"].name = spec.name
+    return cls
+
+
+def declared_option(section: type, name: str) -> opts.Option:
+    """The Option declared for field ``name`` of config section class ``section`` (e.g. TrainConfig, "num_workers")."""
+    return next(f for f in dataclasses.fields(section) if f.name == name).metadata["option"]
+
+
+@_declared
 @dataclass
 class ModelConfig:
     """Network preset (see ``meanflow.models.available()``) and its constructor arguments.
@@ -47,6 +68,7 @@ class ModelConfig:
 LATENT_NORMALISATIONS = ("vae", "imf")  # data.latent_norm: see meanflow.data.latents
 
 
+@_declared
 @dataclass
 class DataConfig:
     """Training data. ``name``: a toy distribution (checkerboard, 8gaussians, moons, spirals),
@@ -55,14 +77,15 @@ class DataConfig:
 
     name: str = "checkerboard"
     path: str | None = None
-    num_samples: int = 100_000
+    num_samples: int = setting(100_000, above=0, doc="toy points drawn for training")
     image_size: int | None = None
     flip: bool = False
-    augment: float = 0.0  # EDM augmentation probability p (official CIFAR-10: 0.12; 0 = off), meanflow.data.augment
+    augment: float = setting(0.0, low=0.0, high=1.0, doc="EDM augmentation probability p (official CIFAR-10: 0.12; 0 = off)")
     conditional: bool = True
     download: bool = False
-    holdout: int = 10_000
-    latent_norm: str = "vae"  # latents only: "vae" (the VAE's scaling factor) or "imf" (iMF's per-channel statistics)
+    holdout: int = setting(10_000, low=0, doc="size of the held-out reference set")
+    latent_norm: str = setting("vae", choices=LATENT_NORMALISATIONS,
+                               doc="latents only: vae (the VAE's scaling factor) or imf (iMF's per-channel statistics)")
 
 
 @dataclass
@@ -90,46 +113,49 @@ class ObjectiveConfig:
         return values[name]
 
 
+@_declared
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. ``batch_size`` is the *global* batch (all processes)."""
 
-    steps: int = 4000
-    batch_size: int = 1024
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    steps: int = setting(4000, above=0)
+    batch_size: int = setting(1024, above=0, doc="global batch, divisible by the number of processes")
+    lr: float = setting(1e-3, above=0.0)
+    optimizer: str = setting("adam", choices=("adam", "adamw"))
     betas: list = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
+    weight_decay: float = setting(0.0, low=0.0)
+    warmup_steps: int = setting(0, low=0)
+    grad_clip: float = setting(0.0, low=0.0, doc="max gradient norm; 0 = no clipping")
     ema_decays: list = field(default_factory=lambda: [0.999])
-    precision: str = "fp32"
+    precision: str = setting("fp32", choices=("fp32", "bf16"))
     compile: bool = False
-    log_every: int = 50
-    sample_every: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 20
-    num_workers: int = 0
+    log_every: int = setting(50, low=0, doc="0 = no log lines")
+    sample_every: int = setting(0, low=0, doc="steps between previews and evaluation hooks; 0 = never")
+    checkpoint_every: int = setting(1000, low=0)
+    keep_checkpoints: int = setting(2, above=0)
+    max_bad_steps: int = setting(20, above=0, doc="consecutive non-finite steps before training stops")
+    num_workers: int = setting(0, low=0, doc="DataLoader worker processes; 0 = load in the training process")
     device: str = "auto"
 
 
+@_declared
 @dataclass
 class EvalConfig:
     """Evaluation after training and by ``meanflow eval``: NFE list, sample count, weights."""
 
     steps: list = field(default_factory=lambda: [1, 2])
-    num_samples: int = 10_000
-    batch_size: int = 1000
+    num_samples: int = setting(10_000, above=0)
+    batch_size: int = setting(1000, above=0, doc="sampling batch; the noise of batch i comes from (seed, i)")
     ema: bool = True
-    baseline_ode_steps: int = 100
+    baseline_ode_steps: int = setting(100, above=0)
 
 
+@_declared
 @dataclass
 class Config:
     """A whole run."""
 
-    seed: int = 0
+    seed: int = setting(0, low=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -148,15 +174,6 @@ _DATA_READS: dict[str, tuple[str, ...]] = {}
 def register_data_source(name: str, reads: tuple[str, ...]) -> None:
     """File which ``data.*`` keys source ``name`` reads (so an override of data.name can drop the others)."""
     _DATA_READS[name] = tuple(reads)
-
-
-CHOICES = {
-    "data.latent_norm": LATENT_NORMALISATIONS,
-    "train.optimizer": ("adam", "adamw"),
-    "train.precision": ("fp32", "bf16"),
-}
-POSITIVE = ("train.steps", "train.batch_size", "train.lr", "data.num_samples", "eval.num_samples", "eval.batch_size", "train.max_bad_steps", "train.keep_checkpoints")
-NON_NEGATIVE = ("seed", "train.warmup_steps", "train.grad_clip", "train.weight_decay", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.num_workers", "data.holdout")
 
 
 def available_configs() -> list[str]:
@@ -210,18 +227,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def validate(cfg: Config) -> None:
     """Check choices and ranges; raise :class:`ConfigError` naming the key."""
-    flat = _flatten(cfg.to_dict())
-    for key, options in CHOICES.items():
-        if flat[key] not in options:
-            raise ConfigError(f"{key} must be one of {', '.join(options)}; got {flat[key]!r}")
-    for key in POSITIVE:
-        if not flat[key] > 0:
-            raise ConfigError(f"{key} must be > 0; got {flat[key]!r}")
-    for key in NON_NEGATIVE:
-        if flat[key] < 0:
-            raise ConfigError(f"{key} must be >= 0; got {flat[key]!r}")
-    if not 0.0 <= cfg.data.augment <= 1.0:
-        raise ConfigError(f"data.augment (EDM augmentation probability) must lie in [0, 1]; got {cfg.data.augment!r}")
+    for prefix, section in (("", cfg), ("data.", cfg.data), ("train.", cfg.train), ("eval.", cfg.eval)):
+        for spec in dataclasses.fields(section):
+            if "option" in spec.metadata:
+                try:
+                    spec.metadata["option"].check(getattr(section, spec.name), owner="config", prefix=prefix)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
     if not cfg.train.ema_decays or not all(0.0 < d < 1.0 for d in cfg.train.ema_decays):
@@ -338,13 +350,3 @@ def _coerce(hint, value: Any, key: str):
             raise ConfigError(f"{key} must be a mapping; got {value!r}")
         return dict(value)
     return value
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and key != "kwargs":
-            out.update(_flatten(value, prefix + key + "."))
-        else:
-            out[prefix + key] = value
-    return out

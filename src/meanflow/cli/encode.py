@@ -13,6 +13,7 @@ import argparse
 import torch
 
 from ..data.latents import DEFAULT_SHARD_SIZE, DEFAULT_VAE, encode_folder
+from ..data.latents.encode import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE
 
 
 def register(sub) -> None:
@@ -21,9 +22,9 @@ def register(sub) -> None:
     p.add_argument("source", help="image folder: one sub-folder of images per class")
     p.add_argument("--out", required=True, help="cache folder to create (new or empty), e.g. data/imagenet256-latents")
     p.add_argument("--vae", default=DEFAULT_VAE, help=f"hub id or local folder / weights file of a diffusers AutoencoderKL (default: {DEFAULT_VAE}; offline, pass a local copy)")
-    p.add_argument("--image-size", type=int, default=256, help="side of the ADM centre crop in pixels (default: 256)")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"side of the ADM centre crop in pixels (default: {DEFAULT_IMAGE_SIZE})")
     p.add_argument("--flip", action="store_true", help="also encode the mirror image of each picture (training picks one at random)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call (default: 64)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images per VAE call (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"images per shard file (default: {DEFAULT_SHARD_SIZE})")
     p.add_argument("--device", default="auto", help="torch device for the VAE: auto (cuda when available), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--num-workers", type=int, default=4, help="processes decoding and cropping images (default: 4; 0 = in the main process)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..evaluation import evaluate_run
 from ..runtime.distributed import process_rank
+from ..sampling import METHODS
 
 
 def register(sub) -> None:
@@ -16,7 +17,7 @@ def register(sub) -> None:
     src.add_argument("--checkpoint", help="checkpoint directory, or released iMF weights (iMF-B-2.pth; needs --fid-stats)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="NFE values to evaluate (default: config eval.steps)")
     p.add_argument("--num", type=int, default=None, help="number of samples (default: config eval.num_samples)")
-    p.add_argument("--method", default=None, choices=("meanflow", "euler", "heun"), help="only this sampler (default: MeanFlow + ODE baseline)")
+    p.add_argument("--method", default=None, choices=METHODS, help="only this sampler (default: MeanFlow + ODE baseline)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA (default: the run's eval.ema)")
     p.add_argument("--fid-stats", default=None, metavar="REF.npz", help="reference statistics (mu, sigma) for FID / IS with Inception features")

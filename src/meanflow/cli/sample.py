@@ -10,7 +10,9 @@ import torch
 from ..data.images import save_grid, to_uint8
 from ..data.points import save_points_plot
 from ..models.loading import load_model
-from ..sampling import decode_samples, generate
+from ..config import EvalConfig, declared_option
+from ..sampling import METHODS, decode_samples, generate
+from ..sampling.driver import DEFAULT_BATCH_SIZE
 
 
 def register(sub) -> None:
@@ -22,11 +24,12 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=1000, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (array 'samples', 'labels' if conditional) or .png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="meanflow", choices=("meanflow", "euler", "heun"))
+    p.add_argument("--method", default="meanflow", choices=METHODS, help="MeanFlow jumps or an ODE solver on u(z, t, t)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--class", dest="cls", type=int, default=None, help="generate only this class")
     p.add_argument("--labels", default=None, help="comma-separated classes to cycle through, e.g. 0,3,7")
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"{declared_option(EvalConfig, 'batch_size').doc} (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--omega", type=float, default=None, help="guidance scale of an iMF model (> 0; default: the preset's official value, else 1)")
     p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
                    help="guidance interval of an iMF model, 0 <= T_MIN <= T_MAX <= 1 (default: the preset's official one, else 0 1)")

@@ -9,15 +9,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import EvalConfig, declared_option
 from ..data.latents import decode
 from ..runtime.seeding import step_generator
 from .samplers import guidance_inputs, ode_sample, sample
+
+DEFAULT_BATCH_SIZE = declared_option(EvalConfig, "batch_size").default  # the sampling batch, declared once with eval.batch_size
 
 
 @torch.no_grad()
 def iterate_samples(
     model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
-    labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
+    labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu", progress: bool = False, rank: int = 0, world_size: int = 1,
     omega: float | None = None, interval: tuple[float, float] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -51,7 +54,7 @@ def iterate_samples(
 
 
 def generate(model: nn.Module, num: int, sample_shape: tuple[int, ...], steps: int = 1, method: str = "meanflow",
-             labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = 1000,
+             labels: torch.Tensor | None = None, num_classes: int = 0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
              device: str | torch.device = "cpu", progress: bool = False, omega: float | None = None,
              interval: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All ``num`` samples (num, *sample_shape) on the CPU and their labels (or None); see :func:`iterate_samples`."""

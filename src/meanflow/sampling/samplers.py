@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 Model = Callable[..., torch.Tensor]
+ODE_METHODS = ("euler", "heun")
+METHODS = ("meanflow", *ODE_METHODS)  # sampler names: MeanFlow jumps, or the ODE on u(z, t, t)
 NO_GUIDANCE = (1.0, (0.0, 1.0))  # omega = 1 on [0, 1]: the conditional velocity, unguided
 
 
@@ -80,8 +82,8 @@ def ode_sample(model: Model, noise: torch.Tensor, steps: int = 100, labels: torc
 
     ``omega`` / ``interval``: as in :func:`sample`, for iMF-style models only.
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"ODE method must be 'euler' or 'heun', got {method!r}")
+    if method not in ODE_METHODS:
+        raise ValueError(f"ODE method must be one of {', '.join(ODE_METHODS)}, got {method!r}")
     guidance = guidance_inputs(model, steps, omega, interval)
     grid = time_grid(steps, noise.device, noise.dtype)
     ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)

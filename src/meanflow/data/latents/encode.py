@@ -16,6 +16,8 @@ from ..images import _list_image_files, _open_image
 from .layout import FORMAT, FORMAT_VERSION, METADATA_FILE, read_metadata
 from .vae import DEFAULT_VAE, _latent_normalisation, _vae_reference, load_vae
 
+DEFAULT_IMAGE_SIZE = 256  # side of the ADM centre crop
+DEFAULT_BATCH_SIZE = 64  # images per VAE call
 DEFAULT_SHARD_SIZE = 10_000
 
 
@@ -68,8 +70,8 @@ def _encode_moments(vae, images: torch.Tensor, flip: bool, device: torch.device)
 
 
 def encode_folder(
-    source: str | Path, out: str | Path, vae: str = DEFAULT_VAE, image_size: int = 256, flip: bool = False,
-    batch_size: int = 64, shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
+    source: str | Path, out: str | Path, vae: str = DEFAULT_VAE, image_size: int = DEFAULT_IMAGE_SIZE, flip: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
     num_workers: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Encode the images under ``source`` into a latent cache in ``out``; return its metadata.
