@@ -18,7 +18,7 @@ from .base import Dataset
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Map-style view: item i = ``data.get(local indices of step start + i)`` = (x (b, ...), labels (b,) or None)."""
+    """Map-style view: item i = this rank's slice of the global batch of step start + i = (x (b, ...), labels (b,) or None)."""
 
     def __init__(self, data: Dataset, order: GlobalBatchOrder, start: int, stop: int, rank: int = 0, world_size: int = 1):
         self.data, self.order, self.start, self.stop = data, order, start, stop
