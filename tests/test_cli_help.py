@@ -78,3 +78,10 @@ def test_an_options_default_and_range_are_declared_once_and_read_everywhere():
     workers = declared_option(TrainConfig, "num_workers")
     with pytest.raises(ConfigError, match=rf"train.num_workers must be an integer >= 0; got -1 \({workers.doc}\)"):
         load_config("toy", ["train.num_workers=-1"])
+
+
+def test_every_shipped_preset_sets_only_data_keys_its_source_reads():
+    from meanflow.config import available_configs
+
+    for name in available_configs():
+        check_keys_read(load_config(name).data)
