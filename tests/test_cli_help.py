@@ -59,6 +59,12 @@ def test_image_options_on_a_point_run_and_inception_weights_alone_are_refused():
     check_options_apply({"kind": "images", "name": "digits"}, fid_stats="ref.npz", inception_weights="w.pth")
 
 
+def test_class_and_labels_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--run", "r", "--out", "s.npz", "--class", "1", "--labels", "0,1"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_fid_stats_flags_are_read_only_where_they_apply():
     parse = build_parser().parse_args
     check_flags_apply(parse(["fid-stats", "digits", "--image-size", "8", "--out", "s.npz"]))

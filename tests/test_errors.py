@@ -158,6 +158,11 @@ def _case_resume_with_config(tmp):
     return ["train", "--resume", str(run), "--config", "digits"], ["--config", "--resume", "config.yaml"]
 
 
+def _case_vae_on_point_run(tmp):
+    run = _trained_run(tmp)
+    return ["sample", "--run", str(run), "--vae", "some/vae", "--out", str(tmp / "s.npz")], ["--vae", "decodes latents", "points"]
+
+
 def _case_fid_stats_flag_not_read(tmp):
     return ["fid-stats", str(tmp), "--image-size", "8", "--out", str(tmp / "s.npz")], ["--image-size", "digits", "drop"]
 

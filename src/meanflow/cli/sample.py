@@ -26,8 +26,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="meanflow", choices=METHODS, help="MeanFlow jumps or an ODE solver on u(z, t, t)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--class", dest="cls", type=int, default=None, help="generate only this class")
-    p.add_argument("--labels", default=None, help="comma-separated classes to cycle through, e.g. 0,3,7")
+    classes = p.add_mutually_exclusive_group()
+    classes.add_argument("--class", dest="cls", type=int, default=None, help="generate only this class")
+    classes.add_argument("--labels", default=None, help="comma-separated classes to cycle through, e.g. 0,3,7")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"{declared_option(EvalConfig, 'batch_size').doc} (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--omega", type=float, default=None, help="guidance scale of an iMF model (> 0; default: the preset's official value, else 1)")
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in .npz or .png, got {out.name!r}")
     model, meta = load_model(args.run or args.checkpoint, ema=not args.raw, device=args.device)
     data = meta["data"]
+    if args.vae is not None and data["kind"] != "latents":
+        raise ValueError(f"--vae decodes latents, but this model generates {data['kind']} (data.name={data['name']}); drop --vae")
     labels = _labels(args, data["num_classes"])
     samples, labels = generate(model, args.num, tuple(data["sample_shape"]), args.steps, args.method, labels=labels,
                                num_classes=data["num_classes"], seed=args.seed, batch_size=args.batch_size,
