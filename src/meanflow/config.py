@@ -152,8 +152,20 @@ class EvalConfig:
 
 @_declared
 @dataclass
+class InitConfig:
+    """Start from existing weights (``meanflow train --init``): a run or checkpoint directory, or any
+    file ``meanflow.models.from_pretrained`` reads. The network and all its EMAs start from the same
+    weights; the optimizer, step and schedule start afresh."""
+
+    path: str | None = None
+    ema: bool = True  # take the source's EMA weights; false: its raw weights
+
+
+@dataclass
 class Config:
-    """A whole run."""
+    """A whole run. ``stages``: a multi-stage schedule in one run, a list of ``{steps: N, objective:
+    {option: value}}`` (the last stage may omit ``steps``: it runs to ``train.steps``); each stage
+    trains with the run's objective updated by its own options (see :func:`stage_objectives`)."""
 
     seed: int = setting(0, low=0)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +173,8 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    stages: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "objective": self.objective.to_dict()}
@@ -234,12 +248,49 @@ def validate(cfg: Config) -> None:
                     spec.metadata["option"].check(getattr(section, spec.name), owner="config", prefix=prefix)
                 except ValueError as err:
                     raise ConfigError(str(err)) from None
+    stage_objectives(cfg)
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
     if not cfg.train.ema_decays or not all(0.0 < d < 1.0 for d in cfg.train.ema_decays):
         raise ConfigError(f"train.ema_decays must be a non-empty list of numbers in (0, 1); got {cfg.train.ema_decays!r}")
     if not cfg.eval.steps or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.steps):
         raise ConfigError(f"eval.steps must be a non-empty list of positive integers; got {cfg.eval.steps!r}")
+
+
+def stage_objectives(cfg: Config) -> list[tuple[int, ObjectiveConfig]]:
+    """(first step, objective) of every stage of ``cfg.stages``; one stage (0, cfg.objective) without stages.
+
+    A stage's objective is the run's with the stage's options replacing the run's; a stage that
+    changes ``kind`` keeps only the run's options the new kind reads.
+    """
+    if not cfg.stages:
+        return [(0, cfg.objective)]
+    plan, start = [], 0
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        if not isinstance(stage, dict) or set(stage) - {"steps", "objective"}:
+            raise ConfigError(f"{key} must be a mapping with keys steps and objective; got {stage!r}")
+        steps, given = stage.get("steps"), stage.get("objective") or {}
+        last = i == len(cfg.stages) - 1
+        if steps is None and not last:
+            raise ConfigError(f"{key}.steps is required (only the last stage may run to train.steps)")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"{key}.steps must be a positive integer; got {steps!r}")
+        if not isinstance(given, dict):
+            raise ConfigError(f"{key}.objective must be a mapping of objective options; got {given!r}")
+        kind = given.get("kind", cfg.objective.kind)
+        base = dict(cfg.objective.options)
+        if kind != cfg.objective.kind and kind in opts.kinds("objective"):
+            base = {k: v for k, v in base.items() if k in opts.lookup("objective", kind).options}
+        try:
+            objective = _build_objective({**base, **given, "kind": kind})
+        except ConfigError as err:
+            raise ConfigError(f"{key}.objective: {err}") from None
+        plan.append((start, objective))
+        start += steps or 0
+    if start > cfg.train.steps or (cfg.stages[-1].get("steps") is not None and start != cfg.train.steps):
+        raise ConfigError(f"the stages add up to {start} steps but train.steps is {cfg.train.steps}; make them agree or let the last stage omit steps")
+    return plan
 
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:

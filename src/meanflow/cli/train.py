@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help=f"preset name ({', '.join(available_configs())}) or a YAML file (default: {DEFAULT_CONFIG})")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest complete checkpoint")
+    p.add_argument("--init", default=None, metavar="PATH_OR_RUN",
+                   help="start from these weights (run/checkpoint dir or any from_pretrained format); init.ema=false takes the raw weights")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=2000 objective.kind=flow_matching")
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(str(source), args.overrides)
     else:
         name = args.config or DEFAULT_CONFIG
-        cfg = load_config(name, args.overrides)
+        overrides = [*args.overrides, f"init.path={args.init}"] if args.init else args.overrides
+        cfg = load_config(name, overrides)
         out = Path(args.out or Path("runs") / Path(name).stem)
     check_keys_read(cfg.data)
     if args.dry_run:
@@ -53,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_resume_flags(args: argparse.Namespace) -> None:
-    """--config and --out would be ignored by --resume (the run keeps its own config and directory)."""
-    given = [flag for flag, value in (("--config", args.config), ("--out", args.out)) if value is not None]
+    """--config, --out and --init would be ignored by --resume (the run keeps its own config, directory and weights)."""
+    given = [flag for flag, value in (("--config", args.config), ("--out", args.out), ("--init", args.init)) if value is not None]
     if given:
         raise ValueError(f"{' and '.join(given)} cannot be combined with --resume {args.resume}: a resumed run keeps its "
                          f"directory and its config.yaml; drop {' and '.join(given)} (change settings with key=value overrides)")

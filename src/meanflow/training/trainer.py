@@ -20,13 +20,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, InitConfig, save_config, stage_objectives
 from ..data import load_dataset, random_flip
 from ..data.augment import LABEL_DIM, EDMAugment
 from ..data.base import Dataset
 from ..data.loader import step_batches
 from ..evaluation.preview import preview_plan, save_preview
 from ..models.loading import build_model, model_spec
+from ..models.pretrained import PretrainedError, load_pretrained
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
@@ -76,8 +77,11 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     augment = _augmenter(cfg, train_set)
     spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes, LABEL_DIM if augment else 0)
     torch.manual_seed(derive_seed(cfg.seed, -1))  # same initial weights on every rank and every run
-    model = build_model(spec).to(info.device)
-    loss_fn = build_loss(cfg.objective)
+    model = build_model(spec)
+    if cfg.init.path and not resume:
+        _initialise(model, cfg.init, print if info.is_main else None)
+    model = model.to(info.device)
+    stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema_decays)
     state = TrainState()
@@ -102,6 +106,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg.train)
             x, labels, cond = _batch(*next(batches), step, info, cfg, augment)
+            loss_fn = next(loss for start, loss in reversed(stages) if step >= start)
             rows = torch.arange(info.rank * local, (info.rank + 1) * local, device=info.device)  # this shard's global sample indices
             with autocast, PerSampleDropout(cfg.seed, step, rows, cfg.train.batch_size):
                 loss, stats, targets = loss_fn.loss_and_targets(
@@ -161,6 +166,23 @@ def _prepare_out(out: Path, info: D.DistInfo, resume: bool) -> None:
         if not resume and ckpt.latest_checkpoint(out / "checkpoints") is not None:
             raise ConfigError(f"{out} already holds checkpoints; pass --resume {out} to continue or choose another --out")
     D.barrier(info)
+
+
+def _initialise(model: nn.Module, init: InitConfig, report=None) -> None:
+    """Fill ``model`` from ``init.path`` (EMA or raw weights); the EMAs are then built from it."""
+    try:
+        loaded = load_pretrained(init.path, weights="ema" if init.ema else "model")
+    except (PretrainedError, FileNotFoundError) as err:
+        raise ConfigError(f"init.path={init.path}: {err}") from None
+    own, theirs = model.state_dict(), loaded.model.state_dict()
+    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+        raise ConfigError(
+            f"init.path={init.path} holds {loaded.spec['name']} {loaded.spec['kwargs']}, which does not fit the configured "
+            f"model {type(model).__name__} (different keys or shapes); set model.name / model.kwargs to match it"
+        )
+    model.load_state_dict(theirs)
+    if report:
+        report(f"initialised from {init.path}: {loaded.describe()}; optimizer and schedule start afresh")
 
 
 def _augmenter(cfg: Config, data: Dataset) -> EDMAugment | None:
