@@ -9,7 +9,7 @@ import sys
 from ..config import ConfigError
 
 # Each module defines ``register(subparsers)``, adding a sub-command whose ``func(args)`` runs it.
-COMMANDS = ("train", "sample", "evaluate", "models_cmd", "objectives_cmd", "fid_stats", "encode", "sweep", "report")
+COMMANDS = ("train", "sample", "evaluate", "models_cmd", "objectives_cmd", "fid_stats", "encode", "sweep", "report", "import_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,8 @@ A new format is one :func:`register_format` call (``Format(name, doc, detect, lo
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -41,7 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import load_config, save_config
 from ..runtime import checkpoint as ckpt
+from .dit import DIT_PRESETS, sincos_2d
 from .loading import build_model
 from .registry import available
 from .unet import fir_kernel
@@ -154,8 +158,12 @@ def load_pretrained(path: str | Path, preset: str | None = None, weights: str = 
     fmt = FORMATS[format] if format in FORMATS else _detect(source) if format is None else None
     if fmt is None:
         raise PretrainedError(f"unknown checkpoint format {format!r}; known: {', '.join(FORMATS)}")
+    takes = set(inspect.signature(fmt.load).parameters) - {"source", "preset", "weights"}
+    if set(options) - takes:
+        raise PretrainedError(f"format {fmt.name} takes no option {', '.join(sorted(set(options) - takes))} (it takes: {', '.join(sorted(takes)) or 'none'})")
     loaded = fmt.load(source, preset.lower() if preset else None, weights, **options)
     loaded.model.eval()
+    loaded.info["source"] = str(source.path)
     return loaded
 
 
@@ -167,6 +175,46 @@ def from_pretrained(path: str | Path, preset: str | None = None, weights: str = 
         if loaded.table:
             print(loaded.table_text())
     return loaded.model
+
+
+# What an imported run records about its data: (config preset, data meta), by network family.
+IMPORT_DATA = {
+    "unet": ("cifar10", {"name": "cifar10", "kind": "images", "info": {}}),
+    "dit": ("imagenet-b4", {"name": "latents", "kind": "latents",
+                            "info": {"vae": "stabilityai/sd-vae-ft-mse", "latent_scale": 0.18215, "latent_shift": 0.0}}),
+}
+
+
+def save_as_run(loaded: Loaded, out: str | Path, vae: str | None = None) -> Path:
+    """Write ``loaded`` as a run directory (``meanflow import``): config.yaml and one checkpoint (step 0).
+
+    ``model.safetensors`` and ``ema.safetensors`` both hold the weights taken, so ``sample``, ``eval``
+    and ``train --init`` read it like any run; ``import.json`` records the source, format, weights and
+    key table. U-Nets are recorded as CIFAR-10 images, DiTs as ImageNet SD-VAE latents (``vae``:
+    the VAE to decode with, default the official ft-mse, scale 0.18215).
+    """
+    out = Path(out)
+    if ckpt.latest_checkpoint(out / "checkpoints") is not None:
+        raise PretrainedError(f"{out} already holds checkpoints; choose another --out")
+    family = loaded.spec["name"].split("-")[0]
+    if family not in IMPORT_DATA:
+        raise PretrainedError(f"no data description for {loaded.spec['name']} imports (known families: {', '.join(IMPORT_DATA)})")
+    preset, data = IMPORT_DATA[family]
+    kwargs = loaded.spec["kwargs"]
+    data = {**data, "sample_shape": [kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]],
+            "num_classes": kwargs.get("num_classes", 0), "info": {**data["info"], **({"vae": vae} if vae else {})}}
+    cfg = load_config(preset, [f"model.name={loaded.spec['name']}", "model.kwargs={}", "train.steps=1"])
+    cfg.model.kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size", "num_classes")}
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    weights = loaded.model.state_dict()
+    record = {"source": str(loaded.info.get("source", "")), "format": loaded.format, "weights": loaded.weights,
+              "table": [list(row) for row in loaded.table]}
+    meta = {"format": 1, "model": loaded.spec, "objective": "meanflow", "data": data, "step": 0, "imported": record}
+    ckpt.save_checkpoint(out / "checkpoints", 0, {"model.safetensors": weights, "ema.safetensors": weights,
+                                                  "meta.json": meta, "config.yaml": (out / "config.yaml").read_text()}, keep=1)
+    (out / "import.json").write_text(json.dumps(record, indent=2))
+    return out
 
 
 def _detect(source: Source) -> Format:
@@ -357,3 +405,214 @@ def _check_filter(value: torch.Tensor, key: str, path: Path) -> None:
 
 register_format(Format("py-meanflow", "official PyTorch CIFAR-10 checkpoint (torch.save dict with 'model', 'epoch', 'args')",
                        _is_py_meanflow, _load_py_meanflow))
+
+
+# DiT-family key names (facebookresearch DiT, willisma SiT, and the official JAX code once normalised)
+
+_DIT_RULES = (
+    (r"x_embedder\.proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"([th])_embedder\.mlp\.(0|2)\.(weight|bias)", r"cond.\1_embed.mlp.\2.\3"),
+    (r"y_embedder\.embedding_table\.weight", r"cond.y_embed.table.weight"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.0.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.3.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"blocks.\1.ada.1.\2"),
+    (r"final_layer\.linear\.(weight|bias)", r"final.linear.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"final.ada.1.\1"),
+)
+
+
+def dit_key(name: str) -> str | None:
+    """A DiT-layout key (``blocks.3.mlp.fc1.weight``) -> ours (``blocks.3.mlp.0.weight``), or None."""
+    for pattern, target in _DIT_RULES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, target, name)
+    return None
+
+
+def _dit_spec(state: dict[str, torch.Tensor], preset: str | None, input_size: int | None, what: str) -> dict[str, Any]:
+    """Our DiT spec from DiT-layout weights (ours names): sizes read off the tensors, heads from the preset."""
+    try:
+        conv = state["patch_embed.proj.weight"]
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        table = state["cond.y_embed.table.weight"]
+    except KeyError as err:
+        raise PretrainedError(f"{what} has no {err.args[0]} (after renaming): not a DiT checkpoint") from None
+    hidden, channels, patch = int(conv.shape[0]), int(conv.shape[1]), int(conv.shape[2])
+    matches = [n for n, (d, h, _, p) in DIT_PRESETS.items() if (d, h, p) == (depth, hidden, patch)]
+    name = preset or (matches[0] if matches else None)
+    if name is None:
+        raise PretrainedError(f"{what}: depth {depth}, width {hidden}, patch {patch} match none of our DiT presets; pass preset=")
+    if name not in DIT_PRESETS or DIT_PRESETS[name][:2] + DIT_PRESETS[name][3:] != (depth, hidden, patch):
+        raise PretrainedError(f"{what} is a DiT of depth {depth}, width {hidden}, patch {patch}, not {name}"
+                              + (f"; it matches {', '.join(matches)}" if matches else ""))
+    kwargs = {"in_channels": channels, "input_size": input_size or 32, "num_classes": int(table.shape[0]) - 1}
+    return {"name": name, "kwargs": kwargs}
+
+
+# Format: official JAX checkpoints (flax.training.checkpoints) ---------------------------------
+
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def _is_msgpack(path: Path) -> bool:
+    """A msgpack map (flax's legacy checkpoint file): first byte a fixmap (0x81-0x8f) or map16/map32."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(2)
+    return bool(head) and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)) and not (head[0] == 0x80 or head[:2] == b"PK")
+
+
+def _flax_checkpoint(path: Path) -> Path | None:
+    """The checkpoint (Orbax directory or msgpack file) at ``path``, or the newest ``checkpoint_<step>`` in it."""
+    if _is_msgpack(path) or (path.is_dir() and any((path / m).exists() for m in _ORBAX_MARKERS)):
+        return path
+    if path.is_dir():
+        steps = [(int(m.group(1)), c) for c in path.iterdir() if (m := re.fullmatch(r"checkpoint_(\d+)", c.name))]
+        if steps:
+            return _flax_checkpoint(max(steps, key=lambda s: s[0])[1])
+    return None
+
+
+def _is_flax(source: Source) -> bool:
+    return not source.is_torch_file and _flax_checkpoint(source.path) is not None
+
+
+def read_flax_state(path: Path) -> dict[str, Any]:
+    """The restored state dict (nested dicts of arrays) of a flax checkpoint; needs flax (``meanflow[jax]``)."""
+    try:
+        from flax.training import checkpoints  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        raise PretrainedError(f"{path} is a JAX (flax) checkpoint; reading it needs flax: pip install 'meanflow[jax]'") from None
+    target = _flax_checkpoint(path)
+    try:
+        if target.is_file():
+            from flax import serialization  # noqa: PLC0415
+
+            state = serialization.msgpack_restore(target.read_bytes())
+        else:
+            state = checkpoints.restore_checkpoint(str(target), target=None)
+    except Exception as err:  # flax / orbax / msgpack raise many types for damaged files
+        raise PretrainedError(f"{target} could not be read as a flax checkpoint (truncated or corrupt?): {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict):
+        raise PretrainedError(f"{target} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def flax_dit_state(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The official JAX DiT's params (``{"net": ...}``) -> our DiT state dict (names and layouts).
+
+    Dense kernels (in, out) are transposed; the patch convolution's kernel (p, p, C, D) becomes
+    (D, C, p, p); ``layers_i`` of flax Sequentials become ``i``; wrapper names are dropped.
+    """
+    out = {}
+    for name, value in _flatten(params.get("net", params)).items():
+        array = _tensor(value).float()
+        torch_name = re.sub(r"\.layers_(\d+)", r".\1", name).replace("._flax_linear", "").replace("._flax_embedding", "")
+        if torch_name.endswith(".kernel"):
+            array = array.permute(3, 2, 0, 1) if array.ndim == 4 else array.T
+            torch_name = torch_name[: -len("kernel")] + "weight"
+        elif torch_name.endswith(".embedding"):
+            torch_name = torch_name[: -len("embedding")] + "weight"
+        ours = dit_key(torch_name)
+        out[ours or f"(official) {torch_name}"] = array.contiguous()
+    return out
+
+
+def _load_flax(source: Source, preset: str | None, weights: str, input_size: int | None = None) -> Loaded:
+    _check_weights(weights, WEIGHTS)
+    state = read_flax_state(source.path)
+    key = "ema_params" if weights == "ema" else "params"
+    if "params" not in state:
+        raise PretrainedError(f"{source.path} has no 'params' (top-level keys: {sorted(state)}): not a flax TrainState checkpoint")
+    if key not in state:
+        raise PretrainedError(f"{source.path} has no '{key}' (keys: {sorted(state)}); weights='model' takes 'params'")
+    ours = flax_dit_state(state[key])
+    spec = _dit_spec(ours, preset, input_size, str(source.path))
+    model = fill(spec, ours, f"{source.path} ({key})")
+    taken = f"{key} ({'EMA' if key == 'ema_params' else 'raw weights'}), step {_scalar(state.get('step'))}"
+    return Loaded(model, spec, "flax-meanflow", taken, info={"step": _scalar(state.get("step"))})
+
+
+def _scalar(value: Any) -> Any:
+    return None if value is None else np.asarray(value).reshape(-1)[0].item()
+
+
+register_format(Format("flax-meanflow", "official JAX MeanFlow checkpoints (flax.training.checkpoints: Orbax dir or msgpack)",
+                       _is_flax, _load_flax))
+
+
+# Format: facebookresearch DiT / willisma SiT PyTorch checkpoints, as initialisation -------------
+
+def _dit_torch_state(payload: Any, weights: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, which weights) of a DiT / SiT file: a plain state dict or a training checkpoint."""
+    if isinstance(payload, dict) and "ema" in payload and isinstance(payload["ema"], dict):
+        _check_weights(weights, WEIGHTS)
+        return payload[weights], f"'{weights}' of the training checkpoint" + (" (EMA)" if weights == "ema" else " (raw weights)")
+    if weights != "ema":
+        raise PretrainedError("this DiT / SiT file holds one set of weights (the released files are the EMA); use weights='ema'")
+    return payload, "the file's only weights (released DiT / SiT files hold the EMA)"
+
+
+def _is_dit_torch(source: Source) -> bool:
+    if not source.is_torch_file:
+        return False
+    payload = source.torch_payload
+    state = payload.get("ema", payload) if isinstance(payload, dict) else None
+    return isinstance(state, dict) and "x_embedder.proj.weight" in state and "t_embedder.mlp.0.weight" in state
+
+
+def _load_dit_torch(source: Source, preset: str | None, weights: str, h_embed: str = "copy") -> Loaded:
+    if h_embed not in ("copy", "zero"):
+        raise PretrainedError(f"h_embed must be 'copy' (the time embedder's weights) or 'zero' (output layer zero), got {h_embed!r}")
+    raw, taken = _dit_torch_state(source.torch_payload, weights)
+    state, table = {}, []
+    for name, value in raw.items():
+        ours = dit_key(name)
+        if ours is not None:
+            state[ours] = _tensor(value).float()
+            table.append((name, ours, "mapped"))
+    conv = state.get("patch_embed.proj.weight")
+    pos = raw.get("pos_embed")
+    size = int(round((pos.shape[1]) ** 0.5)) * int(conv.shape[2]) if pos is not None and conv is not None else None
+    spec = _dit_spec(state, preset, size, str(source.path))
+    channels = spec["kwargs"]["in_channels"]
+    final = state["final.linear.weight"]
+    patch = int(conv.shape[2])
+    if final.shape[0] == 2 * patch * patch * channels:  # learn_sigma: outputs (p, p, 2C), C fastest; keep the first C
+        keep = torch.arange(2 * patch * patch * channels).reshape(patch, patch, 2 * channels)[..., :channels].reshape(-1)
+        state["final.linear.weight"], state["final.linear.bias"] = final[keep], state["final.linear.bias"][keep]
+        table = [(a, b, "mapped (first C of 2C outputs: the variance half dropped)" if b.startswith("final.linear") else c) for a, b, c in table]
+    for which in ("weight", "bias"):
+        for layer in ("0", "2"):
+            source_key = f"cond.t_embed.mlp.{layer}.{which}"
+            value = state[source_key].clone()
+            if h_embed == "zero" and layer == "2":
+                value.zero_()
+            state[f"cond.h_embed.mlp.{layer}.{which}"] = value
+            table.append(("-", f"cond.h_embed.mlp.{layer}.{which}", f"new: {'zero' if h_embed == 'zero' and layer == '2' else 'copied from ' + source_key}"))
+    for name in raw:
+        if dit_key(name) is None:
+            table.append((name, "-", "dropped" + (" (fixed sin-cos table, the same as ours)" if name == "pos_embed" and _same_pos(raw[name], spec) else "")))
+    model = fill(spec, state, str(source.path))
+    return Loaded(model, spec, "dit-pytorch", taken, table=table, info={"h_embed": h_embed})
+
+
+def _same_pos(value: torch.Tensor, spec: dict[str, Any]) -> bool:
+    """Whether a stored DiT position table equals our fixed one."""
+    grid = spec["kwargs"]["input_size"] // DIT_PRESETS[spec["name"]][3]
+    ours = sincos_2d(value.shape[-1], grid, grid)
+    return tuple(value.shape[-2:]) == tuple(ours.shape) and torch.allclose(value.reshape(ours.shape).float(), ours, atol=1e-5)
+
+
+register_format(Format("dit-pytorch", "facebookresearch DiT / willisma SiT PyTorch checkpoints (initialisation of our DiT)",
+                       _is_dit_torch, _load_dit_torch))
