@@ -1,5 +1,6 @@
 """Score every checkpoint of runs under OUT (1-NFE class accuracy and digits FD, 1000 samples, seed 1)
-and plot FD over total training steps. Used by scripts/digits_pretrain_finetune.sh.
+and plot FD over total training steps. Used by scripts/digits_pretrain_finetune.sh. Scores already in
+OUT/scores.json are kept (re-running scores only new checkpoints).
 
     python scripts/score_checkpoints.py OUT --offset fm=0 finetune=1000 scratch=0 --plot FILE.png
 """
@@ -26,17 +27,20 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     args = parser.parse_args()
     out = Path(args.out)
-    offsets = dict(item.split("=") for item in args.offset)
-    table = {}
-    for run, offset in offsets.items():
-        rows = []
+    cache = out / "scores.json"
+    table = json.loads(cache.read_text()) if cache.exists() else {}
+    for run, offset in (item.split("=") for item in args.offset):
+        rows = {r["step"]: r for r in table.get(run, [])}
         for ckpt in sorted((out / run / "checkpoints").glob("step_*")):
+            step = int(offset) + int(ckpt.name.split("_")[1])
+            if step in rows or not (ckpt / "COMPLETE").exists():
+                continue
             res = evaluate_run(ckpt, steps=[1], num=args.num, seed=1, method="meanflow", info=DistInfo())
             entry = res["results"]["meanflow_1nfe"]
-            rows.append({"step": int(offset) + int(res["step"]), "class_accuracy": entry["class_accuracy"], "digits_fd": entry["digits_fd"]})
-            print(run, rows[-1], flush=True)
-        table[run] = rows
-    (out / "scores.json").write_text(json.dumps(table, indent=2))
+            rows[step] = {"step": step, "class_accuracy": entry["class_accuracy"], "digits_fd": entry["digits_fd"]}
+            print(run, rows[step], flush=True)
+            table[run] = sorted(rows.values(), key=lambda r: r["step"])
+            cache.write_text(json.dumps(table, indent=2))
     if args.plot:
         fig, ax = plt.subplots(figsize=(6, 4))
         for run, rows in table.items():

@@ -12,7 +12,7 @@ def register(sub) -> None:
     p.add_argument("source", metavar="SRC", help="checkpoint file or directory")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run directory")
     p.add_argument("--preset", default=None, help="our preset to build (default: the one the file implies)")
-    p.add_argument("--weights", default="ema", help="ema (default), model (raw weights); py-meanflow also ema1, ema2")
+    p.add_argument("--weights", default="ema", help="ema (default), model (raw weights); official CIFAR-10 files also ema1, ema2 (their extra EMAs)")
     p.add_argument("--format", default=None, choices=formats(), help="skip detection")
     p.add_argument("--input-size", type=int, default=None, help="DiT checkpoints from JAX: latent size (default 32)")
     p.add_argument("--h-embed", default=None, choices=("copy", "zero"), help="DiT/SiT: second time embedder copied (default) or zero")
