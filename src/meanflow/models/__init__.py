@@ -3,6 +3,7 @@ with r, t of shape (B,), their preset registry, and building / loading a model f
 from . import mlp  # noqa: F401  (registers presets)
 from . import dit, imf_dit, unet  # noqa: F401
 from .loading import build_model, load_model, model_spec
+from .pretrained import from_pretrained, load_pretrained
 from .registry import available, create, register
 
-__all__ = ["available", "build_model", "create", "load_model", "model_spec", "register"]
+__all__ = ["available", "build_model", "create", "from_pretrained", "load_model", "load_pretrained", "model_spec", "register"]
