@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meanflow.sampling import nfe, ode_sample, sample
+from meanflow.sampling import nfe, ode_sample, sample, time_grid
 
 M = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
 
@@ -110,3 +110,49 @@ def test_ode_uses_instantaneous_velocity_from_noise_to_data():
     """One Euler step from t = 1 is z - v(z, 1): at t = 1, v = -m + z."""
     flow, e = GaussianFlow(M, 0.5), _noise()
     torch.testing.assert_close(ode_sample(flow, e, steps=1, method="euler"), e - (-M + e), rtol=1e-12, atol=1e-12)
+
+
+# ---- the sampler's inputs (killers of mutants that the closed-form checks above cannot see) --------
+
+
+def test_time_grid_defaults_dtype_and_bad_steps():
+    grid = time_grid(4)
+    assert grid.dtype == torch.float32 and grid.device.type == "cpu" and grid.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert time_grid(3, dtype=torch.float64).dtype == torch.float64 and abs(time_grid(3, dtype=torch.float64)[1].item() - 2 / 3) < 1e-15
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            time_grid(bad)
+
+
+class GuidedFlow(GaussianFlow):
+    """The Gaussian flow as an iMF-style model: takes omega, t_min, t_max (and ignores them), records them."""
+
+    guidance_input = True
+
+    def forward(self, z, r, t, labels=None, *, omega=None, t_min=None, t_max=None):
+        self.seen = [float(torch.as_tensor(x).flatten()[0]) for x in (omega, t_min, t_max)]
+        return super().forward(z, r, t, labels)
+
+
+class Wrapped(torch.nn.Module):
+    """A wrapper that exposes the inner model as ``.module`` (as DistributedDataParallel does)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_guidance_inputs_reach_iMF_style_models_only():
+    e = _noise(4)
+    flow = GuidedFlow(M, 0.4)
+    sample(Wrapped(flow), e, steps=1)  # no default_guidance: omega 1 on [0, 1]
+    assert flow.seen == [1.0, 0.0, 1.0]
+    sample(Wrapped(flow), e, steps=2, omega=2.5, interval=(0.3, 0.3))  # through .module; an empty interval is allowed
+    assert flow.seen == pytest.approx([2.5, 0.3, 0.3])
+    with pytest.raises(ValueError, match="0 <= t_min <= t_max <= 1"):
+        sample(flow, e, interval=(0.6, 0.4))
+    with pytest.raises(ValueError, match="has its guidance in its weights .* sample it without omega and interval"):
+        sample(GaussianFlow(M, 0.4), e, omega=2.0)

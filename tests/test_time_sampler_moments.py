@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,23 @@ def test_ratio_sets_the_share_of_r_equal_t():
     loss = MeanFlowLoss(ratio=0.3)
     draws = loss.draw(torch.zeros(1000, 2), generator=torch.Generator().manual_seed(1))
     assert int((draws.r != draws.t).sum()) == 300 and draws.jvp_index.numel() == 300
+
+
+def test_uniform_sampler_maps_each_normal_draw_through_its_cdf():
+    """Draw by draw (not only in distribution): u = Phi(n), so a sample's times follow its own normals."""
+    from scipy.stats import norm
+
+    from meanflow.objectives.time_samplers import TimeSampler
+
+    n1, n2 = torch.tensor([-1.5, 0.2, 2.0], dtype=torch.float64), torch.tensor([0.5, -0.3, 1.0], dtype=torch.float64)
+    r, t = TimeSampler("uniform", mu=0.0, sigma=1.0)(n1, n2)
+    a, b = norm.cdf(n1.numpy()), norm.cdf(n2.numpy())
+    np.testing.assert_allclose(t.numpy(), np.maximum(a, b), rtol=1e-12)
+    np.testing.assert_allclose(r.numpy(), np.minimum(a, b), rtol=1e-12)
+
+
+def test_unknown_sampler_kind_is_named():
+    from meanflow.objectives.time_samplers import TimeSampler
+
+    with pytest.raises(ValueError, match="time sampler kind must be one of .*got 'gauss'"):
+        TimeSampler("gauss", mu=0.0, sigma=1.0)

@@ -280,3 +280,18 @@ def test_bf16_training_on_cpu_tracks_fp32_training(tmp_path):
     diff = math.sqrt(sum(float((bf16[k] - fp32[k]).pow(2).sum()) for k in fp32))
     size = math.sqrt(sum(float(fp32[k].pow(2).sum()) for k in fp32))
     assert 0 < diff < 0.3 * size, (diff, size)
+
+
+def test_ema_state_dicts_by_index_and_a_mismatched_state_is_an_error():
+    from meanflow.training.ema import EMA
+
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, [0.5, 0.9])
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.state_dict()["weight"], ema.state_dict(0)["weight"])
+    assert not torch.equal(ema.state_dict(0)["weight"], ema.state_dict(1)["weight"])
+    wrong = {f"k{i}": torch.zeros(1) for i in range(7)}
+    with pytest.raises(ValueError, match=r"differing keys: \['bias', 'k0', 'k1', 'k2', 'k3'\]\)"):
+        ema.load_state_dict(0, wrong)

@@ -1,0 +1,67 @@
+"""Every model call of the MeanFlow loss gets the batch's labels and per-sample conditioning.
+
+References computed in the test by calling the model directly (and forward-mode AD for du/dt).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from meanflow import MeanFlowLoss
+
+
+class Conditioned(nn.Module):
+    """u depends on z, r, t, the label and a per-sample keyword input ``augment_labels`` (B, 2)."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.labels = nn.Embedding(4, 2)
+        self.aug = nn.Linear(2, 2)
+
+    def forward(self, z, r, t, labels=None, augment_labels=None):
+        out = z * torch.sin(3 * t)[:, None] + (t - r)[:, None] * z**2 + self.labels(labels)
+        return out if augment_labels is None else out + self.aug(augment_labels)
+
+
+def test_guidance_calls_get_the_conditioning():
+    torch.manual_seed(0)
+    model, x = Conditioned(), torch.randn(8, 2)
+    labels, aug = torch.arange(8) % 3, torch.randn(8, 2)
+    loss = MeanFlowLoss(ratio=0.5, omega=2.0, label_drop=0.0)
+    out = loss.targets(model, x, labels, torch.Generator().manual_seed(1), cond={"augment_labels": aug})
+    t = out.draws.t
+    with torch.no_grad():
+        unguided = model(out.z, t, t, torch.full_like(labels, 3), augment_labels=aug)
+    expected = 2.0 * (out.draws.noise - x) + (1 - 2.0) * unguided  # v_g = omega v + (1 - omega) u(z, t, t | null)
+    torch.testing.assert_close(out.v, expected)
+    torch.testing.assert_close(out.tangent, out.v)  # the JVP runs along the guided field
+    torch.testing.assert_close(out.u, model(out.z, out.draws.r, t, labels, augment_labels=aug))  # and so does the main forward
+
+
+def test_jvp_target_passes_the_labels():
+    torch.manual_seed(0)
+    model, z, v = Conditioned(), torch.randn(5, 2), torch.randn(5, 2)
+    r, t, labels = torch.rand(5) * 0.5, 0.5 + torch.rand(5) * 0.5, torch.tensor([0, 1, 2, 3, 1])
+    u, target, dudt = MeanFlowLoss().jvp_target(model, z, r, t, v, labels)
+    with fwAD.dual_level():
+        out = model(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)), labels)
+        primal, tangent = fwAD.unpack_dual(out)
+    torch.testing.assert_close(u, primal)
+    torch.testing.assert_close(dudt, tangent)
+    torch.testing.assert_close(target, v - (t - r)[:, None] * tangent)
+
+
+@pytest.mark.parametrize("option, dr, dt", [("v01", 0.0, 1.0), ("v00", 0.0, 0.0), ("v10", 1.0, 0.0)])
+def test_tangent_option_sets_the_time_tangents(option, dr, dt):
+    torch.manual_seed(0)
+    model, x, labels = Conditioned(), torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = MeanFlowLoss(ratio=1.0, tangent=option, jvp="forward_ad").targets(model, x, labels, torch.Generator().manual_seed(2))
+    r, t = out.draws.r, out.draws.t
+    with fwAD.dual_level():
+        dual = model(fwAD.make_dual(out.z, out.v), fwAD.make_dual(r, torch.full_like(r, dr)), fwAD.make_dual(t, torch.full_like(t, dt)), out.labels)
+        expected = fwAD.unpack_dual(dual).tangent
+    torch.testing.assert_close(out.dudt, expected)
