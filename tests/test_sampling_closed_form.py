@@ -154,5 +154,5 @@ def test_guidance_inputs_reach_iMF_style_models_only():
     assert flow.seen == pytest.approx([2.5, 0.3, 0.3])
     with pytest.raises(ValueError, match="0 <= t_min <= t_max <= 1"):
         sample(flow, e, interval=(0.6, 0.4))
-    with pytest.raises(ValueError, match="has its guidance in its weights .* sample it without omega and interval"):
+    with pytest.raises(ValueError, match="GaussianFlow has its guidance in its weights .* sample it without omega and interval"):
         sample(GaussianFlow(M, 0.4), e, omega=2.0)

@@ -76,17 +76,38 @@ def test_ratio_sets_the_share_of_r_equal_t():
     assert int((draws.r != draws.t).sum()) == 300 and draws.jvp_index.numel() == 300
 
 
-def test_uniform_sampler_maps_each_normal_draw_through_its_cdf():
-    """Draw by draw (not only in distribution): u = Phi(n), so a sample's times follow its own normals."""
+def test_samplers_map_each_normal_draw():
+    """Draw by draw (not only in distribution): a sample's times follow its own normals."""
+    from scipy.special import expit
     from scipy.stats import norm
 
     from meanflow.objectives.time_samplers import TimeSampler
 
     n1, n2 = torch.tensor([-1.5, 0.2, 2.0], dtype=torch.float64), torch.tensor([0.5, -0.3, 1.0], dtype=torch.float64)
-    r, t = TimeSampler("uniform", mu=0.0, sigma=1.0)(n1, n2)
-    a, b = norm.cdf(n1.numpy()), norm.cdf(n2.numpy())
-    np.testing.assert_allclose(t.numpy(), np.maximum(a, b), rtol=1e-12)
-    np.testing.assert_allclose(r.numpy(), np.minimum(a, b), rtol=1e-12)
+    a, b = n1.numpy(), n2.numpy()
+    cases = {
+        TimeSampler("uniform", mu=0.0, sigma=1.0): (norm.cdf(a), norm.cdf(b)),
+        TimeSampler("lognorm", mu=-0.4, sigma=1.3): (expit(-0.4 + 1.3 * a), expit(-0.4 + 1.3 * b)),
+    }
+    for sampler, (first, second) in cases.items():
+        r, t = sampler(n1, n2)
+        np.testing.assert_allclose(t.numpy(), np.maximum(first, second), rtol=1e-12)
+        np.testing.assert_allclose(r.numpy(), np.minimum(first, second), rtol=1e-12)
+    t_only = expit(0.2 + 0.8 * a)
+    r, t = TimeSampler("cifar_v1", mu=0.2, sigma=0.8, r_mu=-1.0, r_sigma=0.5)(n1, n2)
+    np.testing.assert_allclose(t.numpy(), t_only, rtol=1e-12)
+    np.testing.assert_allclose(r.numpy(), np.minimum(expit(-1.0 + 0.5 * b), t_only), rtol=1e-12)
+    for half in ({"r_mu": -1.0}, {"r_sigma": 0.5}):  # without both r parameters, t only (r = t)
+        r, t = TimeSampler("cifar_v1", mu=0.2, sigma=0.8, **half)(n1, n2)
+        np.testing.assert_allclose(r.numpy(), t_only, rtol=1e-12)
+
+
+def test_label_drops_go_to_r_equal_t_rows_unless_independent():
+    x = torch.zeros(400, 1)
+    placed = MeanFlowLoss(ratio=0.5, label_drop=0.3).draw(x, generator=torch.Generator().manual_seed(0))
+    assert not bool(placed.dropped[placed.jvp_index].any()) and int(placed.dropped.sum()) > 80
+    independent = MeanFlowLoss(ratio=0.5, label_drop=0.3, independent_label_drop=True).draw(x, generator=torch.Generator().manual_seed(0))
+    assert 0.2 < float(independent.dropped[independent.jvp_index].double().mean()) < 0.4
 
 
 def test_unknown_sampler_kind_is_named():
