@@ -77,12 +77,13 @@ def data_parallel(model: nn.Module, info: DistInfo, jvp_mode: str | None, compil
 
     ``jvp_mode`` is the objective's ``jvp`` option (None: an objective without a JVP, one forward
     pass). When None is returned the caller averages gradients with :func:`all_reduce_gradients`.
-    Buffers are not broadcast: they are deterministic functions of the configuration here.
+    Buffers are synchronised once at construction, not before every forward: they are deterministic
+    functions of the configuration here.
     """
     if not info.enabled or compiled or (jvp_mode is not None and jvp_mode not in ONE_FORWARD_JVP_MODES):
         return None
     devices = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=devices, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=devices, forward_sync_buffers=False)
 
 
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
