@@ -191,3 +191,23 @@ def test_eval_of_a_released_checkpoint_needs_reference_statistics(tmp_path):
     torch.save(official_state(), tmp_path / "iMF-test.pth")
     with pytest.raises(ValueError, match="--fid-stats"):
         evaluate_run(tmp_path / "iMF-test.pth", omega=8.0, interval=(0.4, 0.65))
+
+
+def test_from_pretrained_reads_released_imf_files(tmp_path):
+    from meanflow.models import pretrained
+
+    state = official_state(seed=4)
+    torch.save(state, tmp_path / "iMF-test.pth")
+    assert pretrained.detect(tmp_path / "iMF-test.pth") == "imf-official"
+    loaded = pretrained.load_pretrained(tmp_path / "iMF-test.pth", input_size=8)
+    assert loaded.format == "imf-official" and not loaded.model.training
+    direct = load_official_imf(tmp_path / "iMF-test.pth", input_size=8)
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
+    rebuilt = create(loaded.spec["name"], **loaded.spec["kwargs"])
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in direct.state_dict().items()}
+    x, t, h, cond, y = inputs()
+    with torch.no_grad():
+        ref = official_forward(state, x, t, h, cond["omega"], cond["t_min"], cond["t_max"], y, heads=2)
+        ours = pretrained.from_pretrained(tmp_path / "iMF-test.pth", verbose=False, input_size=8)(x, t - h, t, y, **cond)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()

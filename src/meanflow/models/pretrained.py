@@ -21,6 +21,9 @@ format                 what it reads
                        or a training checkpoint with ``model`` / ``ema``), as *initialisation*
                        of our DiT: their time embedder, their time convention and prediction
                        target differ from MeanFlow's, so train after loading
+``imf-official``       the released iMF weights ``iMF-{B,M,L,XL}-2.pth`` (Lyy-iiis/imeanflow,
+                       branch ``torch``): the state dict of ``iMeanFlow(eval=True)``, keys ``net.*``
+                       (:mod:`meanflow.models.imf_weights`); option ``input_size`` (default 32)
 =====================  =====================================================================
 
 Pickled files are opened with ``torch.load(weights_only=True)``: tensors and plain types only,
@@ -46,6 +49,7 @@ from torch import nn
 from ..config import load_config, save_config
 from ..runtime import checkpoint as ckpt
 from .dit import DIT_PRESETS, sincos_2d
+from .imf_weights import is_official_imf, official_architecture, official_imf_from_state, official_spec_kwargs, rename_official
 from .loading import build_model
 from .registry import available
 from .unet import fir_kernel
@@ -616,3 +620,21 @@ def _same_pos(value: torch.Tensor, spec: dict[str, Any]) -> bool:
 
 register_format(Format("dit-pytorch", "facebookresearch DiT / willisma SiT PyTorch checkpoints (initialisation of our DiT)",
                        _is_dit_torch, _load_dit_torch))
+
+
+# Released iMF weights (Lyy-iiis/imeanflow, branch torch): meanflow.models.imf_weights ---------------
+
+def _is_official_imf(source: Source) -> bool:
+    return source.is_torch_file and isinstance(source.torch_payload, dict) and is_official_imf(source.torch_payload)
+
+
+def _load_official_imf(source: Source, preset: str | None, weights: str, input_size: int = 32) -> Loaded:
+    """The file holds one set of weights (the released ones): ``weights`` has nothing to choose."""
+    model = official_imf_from_state(source.torch_payload, str(source.path), preset, input_size)
+    arch = official_architecture(rename_official(source.torch_payload))
+    spec = {"name": model.preset or "imf-tiny/2", "kwargs": official_spec_kwargs(arch, input_size)}
+    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)")
+
+
+register_format(Format("imf-official", "released iMF checkpoints iMF-{B,M,L,XL}-2.pth (state dict of iMeanFlow(eval=True), keys net.*)",
+                       _is_official_imf, _load_official_imf))
