@@ -1,8 +1,10 @@
 """Configs: presets load, overrides are typed, and the CLI dry run prints the resolved config."""
 import pytest
+import torch
 
 from meanflow.cli import main
 from meanflow.config import ConfigError, available_configs, load_config
+from meanflow.training.builders import build_optimizer
 
 
 @pytest.mark.parametrize("name", available_configs())
@@ -34,3 +36,16 @@ def test_dry_run_prints_resolved_config(capsys):
     assert main(["train", "--dry-run", "train.steps=5"]) == 0
     out = capsys.readouterr().out
     assert "steps: 5" in out and "name: checkerboard" in out
+
+
+@pytest.mark.parametrize("name, cls", [("adam", "Adam"), ("adamw", "AdamW")])
+def test_optimizer_names_build_that_optimizer_with_the_configured_settings(name, cls):
+    cfg = load_config("toy", [f"train.optimizer={name}", "train.lr=0.003", "train.betas=[0.8, 0.9]", "train.weight_decay=0.01"])
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, cfg.train)
+    group = opt.param_groups[0]
+    assert type(opt) is getattr(torch.optim, cls)
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.003, (0.8, 0.9), 0.01)
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config("toy", ["train.optimizer=sgd"])

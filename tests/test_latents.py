@@ -211,6 +211,10 @@ def test_clear_errors(setup, tmp_path):
         encode_folder(tmp_path / "bad", tmp_path / "o3", vae=vae_dir, image_size=SIZE, progress=False)
     with pytest.raises(FileNotFoundError, match="VAE path"):
         encode_folder(root / "images", tmp_path / "o4", vae=str(tmp_path / "no-vae"), progress=False)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        encode_folder(root / "images", tmp_path / "o5", vae=vae_dir, num_workers=-1, progress=False)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        _encode_cli(root / "images", tmp_path / "o6", root / "vae", "--num-workers", "-1")
     with pytest.raises(FileNotFoundError, match="no latents.json"):
         LatentDataset(root / "images")
     (tmp_path / "corrupt").mkdir()

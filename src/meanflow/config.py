@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from . import options as opts
@@ -113,6 +114,9 @@ class ObjectiveConfig:
         return values[name]
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # train.optimizer name -> torch class
+
+
 @_declared
 @dataclass
 class TrainConfig:
@@ -121,7 +125,7 @@ class TrainConfig:
     steps: int = setting(4000, above=0)
     batch_size: int = setting(1024, above=0, doc="global batch, divisible by the number of processes")
     lr: float = setting(1e-3, above=0.0)
-    optimizer: str = setting("adam", choices=("adam", "adamw"))
+    optimizer: str = setting("adam", choices=tuple(OPTIMIZERS), doc="adamw: decoupled weight decay")
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = setting(0.0, low=0.0)
     warmup_steps: int = setting(0, low=0)

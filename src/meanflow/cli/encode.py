@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from ..data.latents import DEFAULT_SHARD_SIZE, DEFAULT_VAE, encode_folder
-from ..data.latents.encode import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE
+from ..data.latents.encode import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, DEFAULT_NUM_WORKERS
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images per VAE call (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"images per shard file (default: {DEFAULT_SHARD_SIZE})")
     p.add_argument("--device", default="auto", help="torch device for the VAE: auto (cuda when available), cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--num-workers", type=int, default=4, help="processes decoding and cropping images (default: 4; 0 = in the main process)")
+    p.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS, help=f"processes decoding and cropping images (default: min(4, CPU count) = {DEFAULT_NUM_WORKERS} here; 0 = in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -43,8 +43,6 @@ def resolve_device(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     meta = encode_folder(
         args.source, args.out, vae=args.vae, image_size=args.image_size, flip=args.flip, batch_size=args.batch_size,
         shard_size=args.shard_size, device=resolve_device(args.device), num_workers=args.num_workers, progress=not args.no_progress,

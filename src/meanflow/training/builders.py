@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import objectives
-from ..config import ObjectiveConfig, TrainConfig
+from ..config import OPTIMIZERS, ObjectiveConfig, TrainConfig
 
 
 def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
@@ -14,8 +14,8 @@ def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    """The optimizer named by ``cfg.optimizer`` over all parameters, with the configured lr, betas and weight decay."""
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .vae import DEFAULT_VAE, _latent_normalisation, _vae_reference, load_vae
 DEFAULT_IMAGE_SIZE = 256  # side of the ADM centre crop
 DEFAULT_BATCH_SIZE = 64  # images per VAE call
 DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)  # processes decoding and cropping images; 0 = in the main process
 
 
 def adm_center_crop(image, size: int) -> np.ndarray:
@@ -72,7 +74,7 @@ def _encode_moments(vae, images: torch.Tensor, flip: bool, device: torch.device)
 def encode_folder(
     source: str | Path, out: str | Path, vae: str = DEFAULT_VAE, image_size: int = DEFAULT_IMAGE_SIZE, flip: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = DEFAULT_NUM_WORKERS, progress: bool = True,
 ) -> dict[str, Any]:
     """Encode the images under ``source`` into a latent cache in ``out``; return its metadata.
 
@@ -81,6 +83,8 @@ def encode_folder(
     interruption keeps the finished shards and encodes the rest.
     """
     source, out = Path(source), Path(out)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 = decode in the main process), got {num_workers}")
     if not source.is_dir():
         raise FileNotFoundError(f"image folder {str(source)!r} does not exist")
     for name, value in (("image size", image_size), ("batch size", batch_size), ("shard size", shard_size)):
