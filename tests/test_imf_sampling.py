@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import meanflow
+import meanflow.evaluation.run as run_module
+from meanflow.config import ConfigError, load_config
 from meanflow.models import create
 from meanflow.sampling import generate, guidance_inputs
+from meanflow.training.trainer import train
 
 
 def imf_model() -> torch.nn.Module:
@@ -63,3 +66,27 @@ def test_omega_and_interval_reach_every_network_call():
     torch.testing.assert_close(meanflow.sample(model, noise, labels=y, omega=3.0, interval=(0.2, 0.8)), noise - expected, rtol=0, atol=0)
     guided, plain = (generate(model, 6, (1, 4, 4), num_classes=3, omega=w)[0] for w in (4.0, None))
     assert (guided - plain).abs().max() > 1e-4
+
+
+def test_eval_omega_and_interval_of_the_config_reach_the_evaluation(tmp_path, monkeypatch):
+    cfg = load_config("digits-imf", ["train.steps=1", "train.batch_size=8", "train.checkpoint_every=0", "train.log_every=1",
+                                     "eval.omega=3.0", "eval.interval=[0.2, 0.7]"])
+    out = train(cfg, tmp_path / "run")
+    seen: dict = {}
+    monkeypatch.setattr(run_module, "evaluate_images", lambda *args, **kwargs: seen.update(kwargs) or {})
+    run_module.evaluate_run(out)
+    assert (seen["omega"], seen["interval"]) == (3.0, [0.2, 0.7])
+    run_module.evaluate_run(out, omega=2.0, interval=(0.0, 1.0))  # the eval command's flags win over the config
+    assert (seen["omega"], seen["interval"]) == (2.0, (0.0, 1.0))
+
+
+def test_eval_guidance_keys_are_checked_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="eval.omega must be a number"):
+        load_config("digits-imf", ["eval.omega=strong"])
+    with pytest.raises(ConfigError, match=r"eval.interval must be two numbers"):
+        load_config("digits-imf", ["eval.interval=[0.2]"])
+    with pytest.raises(ValueError, match="omega / interval are inputs of iMF-style models"):
+        train(load_config("toy", ["train.steps=1", "eval.omega=2.0"]), tmp_path / "toy")
+    with pytest.raises(ValueError, match="0 <= t_min <= t_max <= 1"):
+        train(load_config("digits-imf", ["train.steps=1", "eval.interval=[0.8, 0.3]"]), tmp_path / "imf")
+    assert not list(tmp_path.glob("*/checkpoints/*"))  # refused before any training step

@@ -152,6 +152,8 @@ class EvalConfig:
     batch_size: int = setting(1000, above=0, doc="sampling batch; the noise of batch i comes from (seed, i)")
     ema: bool = True
     baseline_ode_steps: int = setting(100, above=0)
+    omega: float | None = None  # iMF-style models: guidance scale of the evaluation (null: the model's own default)
+    interval: list | None = None  # iMF-style models: guidance interval [t_min, t_max] (null: the model's own default)
 
 
 @_declared
@@ -259,6 +261,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decays must be a non-empty list of numbers in (0, 1); got {cfg.train.ema_decays!r}")
     if not cfg.eval.steps or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.steps):
         raise ConfigError(f"eval.steps must be a non-empty list of positive integers; got {cfg.eval.steps!r}")
+    if cfg.eval.omega is not None and not _is_number(cfg.eval.omega):
+        raise ConfigError(f"eval.omega must be a number (or null: the model's own); got {cfg.eval.omega!r}")
+    if cfg.eval.interval is not None and not (isinstance(cfg.eval.interval, list) and len(cfg.eval.interval) == 2
+                                              and all(_is_number(x) for x in cfg.eval.interval)):
+        raise ConfigError(f"eval.interval must be two numbers [t_min, t_max] (or null: the model's own); got {cfg.eval.interval!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def stage_objectives(cfg: Config) -> list[tuple[int, ObjectiveConfig]]:

@@ -92,19 +92,20 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     ``info`` (a DistInfo) defaults to the torchrun environment: every process samples its share.
     ``preview``: also write a preview PNG there (1 NFE, 2 NFE and the ODE side by side, see
     :func:`save_preview`), from the same model.
-    ``omega`` / ``interval``: guidance inputs of iMF-style models (defaults: the model's own).
+    ``omega`` / ``interval``: guidance inputs of iMF-style models; None takes the run's ``eval.omega`` /
+    ``eval.interval``, and where those are null the model's own defaults.
     A released iMF checkpoint (``*.pth``) has no run around it: it is scored with FID / IS against
     ``fid_stats`` at ``steps`` (default 1) NFE on ``num`` (default 50000) samples.
     ``ema``: EMA (True) or raw (False) weights; None takes the run's ``eval.ema``.
     """
     info = info or D.setup(str(device))
-    guidance = {"omega": omega, "interval": interval}
     if Path(run).suffix in OFFICIAL_SUFFIXES:
         return _evaluate_official(Path(run), steps or [1], num or 50_000, seed or 0, fid_stats, inception_weights, batch_size or 250,
-                                  save_samples, info, guidance)
+                                  save_samples, info, {"omega": omega, "interval": interval})
     directory = ckpt.resolve_checkpoint(run)
     cfg = load_config(str(directory / "config.yaml"))
     ema = cfg.eval.ema if ema is None else ema
+    guidance = {"omega": cfg.eval.omega if omega is None else omega, "interval": cfg.eval.interval if interval is None else interval}
     model, meta = load_model(directory, ema=ema, device=info.device)
     check_options_apply(meta["data"], fid_stats=fid_stats, inception_weights=inception_weights, save_samples=save_samples)
     steps = steps or cfg.eval.steps

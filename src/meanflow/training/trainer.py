@@ -32,6 +32,7 @@ from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
 from ..runtime.per_sample import PerSampleDropout
+from ..sampling import guidance_inputs
 from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
 from .builders import build_loss, build_optimizer, learning_rate
 from .diagnostics import Diagnostics
@@ -78,6 +79,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes, LABEL_DIM if augment else 0)
     torch.manual_seed(derive_seed(cfg.seed, -1))  # same initial weights on every rank and every run
     model = build_model(spec)
+    guidance_inputs(model, 1, cfg.eval.omega, cfg.eval.interval)  # refuse evaluation guidance the model cannot take, before training
     if cfg.init.path and not resume:
         _initialise(model, cfg.init, print if info.is_main else None)
     model = model.to(info.device)
