@@ -553,3 +553,12 @@ def test_import_makes_a_run_that_sample_and_init_accept(tmp_path):
     out = train(cfg, tmp_path / "finetune")
     first, _ = load_model(out, ema=False)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first.state_dict().values(), model.state_dict().values()))
+
+
+def test_state_mismatch_names_each_problem_once_and_truncates_long_lists():
+    from meanflow.models.weights import state_mismatch
+    own = {f"w{i}": torch.zeros(2) for i in range(5)} | {"b": torch.zeros(3)}
+    assert state_mismatch(own, dict(own)) == []
+    state = {f"w{i}": torch.zeros(2) for i in range(1, 5)} | {"b": torch.zeros(4), "x": torch.zeros(1), "y": torch.zeros(1)}
+    assert state_mismatch(own, state, shown=1) == [
+        "missing keys: w0", "unexpected keys: x ... (2 in all)", "wrong shapes: b: file (4,), model (3,)"]

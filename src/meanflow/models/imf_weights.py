@@ -21,6 +21,7 @@ import torch
 from ..data.latents import DEFAULT_VAE, IMF_LATENT_MEAN, IMF_LATENT_STD
 from .imf_dit import IMF_PRESETS, IMFDiT
 from .registry import create
+from .weights import state_mismatch
 
 OFFICIAL_NAMES = {"imfDiT_B_2": "imf-b/2", "imfDiT_M_2": "imf-m/2", "imfDiT_L_2": "imf-l/2", "imfDiT_XL_2": "imf-xl/2"}
 UNUSED_PREFIX = "v_final_layer."
@@ -111,26 +112,18 @@ def _describe(arch: dict[str, int]) -> str:
 
 
 def load_checked(model: IMFDiT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy renamed official weights into ``model``; missing, unexpected or misshaped keys are errors naming them."""
+    """Copy renamed official weights into ``model``; missing, unexpected or misshaped keys are errors naming them.
+
+    The file's unused v-head final layer (``v_final_layer.*``) is checked against the shapes of the
+    u-head's final layer, its twin, and then left out.
+    """
     expected = model.state_dict()
-    unused = {k: v for k, v in state.items() if k.startswith(UNUSED_PREFIX)}
-    state = {k: v for k, v in state.items() if not k.startswith(UNUSED_PREFIX)}
-    problems = []
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    twins = {k: expected.get("u_final_layer." + k[len(UNUSED_PREFIX):]) for k in unused}  # the u-head's final layer has the same shapes
-    problems += [f"unexpected key: {k}" for k, twin in twins.items() if twin is None]
-    shapes += [f"{k}: file {tuple(unused[k].shape)}, model {tuple(twin.shape)}" for k, twin in twins.items()
-               if twin is not None and twin.shape != unused[k].shape]
-    if shapes:
-        problems.append(f"wrong shapes: {'; '.join(shapes[:10])}")
+    twins = {k: expected["u_final_layer." + k[len(UNUSED_PREFIX):]] for k in state
+             if k.startswith(UNUSED_PREFIX) and "u_final_layer." + k[len(UNUSED_PREFIX):] in expected}
+    problems = state_mismatch({**expected, **twins}, state)
     if problems:
         raise ValueError(f"official iMF weights in {source} do not fit {getattr(model, 'preset', 'the iMF model')}: " + " | ".join(problems))
-    model.load_state_dict(state)
+    model.load_state_dict({k: v for k, v in state.items() if k not in twins})
 
 
 def official_meta(model: IMFDiT) -> dict:

@@ -52,6 +52,7 @@ from .dit import DIT_PRESETS, sincos_2d
 from .imf_weights import is_official_imf, official_architecture, official_imf_from_state, official_spec_kwargs, rename_official
 from .loading import build_model
 from .registry import available
+from .weights import state_mismatch
 from .unet import fir_kernel
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
@@ -263,17 +264,10 @@ def fill(spec: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{what}: cannot build {spec['name']} {spec['kwargs']}: {err}") from None
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or extra or shapes:
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[:3]})" if extra else "",
-                 "mis-shaped: " + ", ".join(f"{k} {tuple(state[k].shape)} vs ours {tuple(own[k].shape)}" for k in shapes[:3]) if shapes else ""]
-        raise PretrainedError(
-            f"{what} does not fit {spec['name']} {spec['kwargs']}: " + "; ".join(p for p in parts if p)
-            + ". It is another architecture or size: pass the matching preset (meanflow models)."
-        )
+    problems = state_mismatch(own, state, shown=3)
+    if problems:
+        raise PretrainedError(f"{what} does not fit {spec['name']} {spec['kwargs']}: " + " | ".join(problems)
+                              + ". It is another architecture or size: pass the matching preset (meanflow models).")
     model.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True)
     return model
 
