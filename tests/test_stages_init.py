@@ -59,7 +59,7 @@ def test_init_takes_weights_and_emas_but_not_the_optimizer(tmp_path, use_ema):
 
 def test_init_of_another_model_is_a_config_error_before_training(tmp_path):
     source = train(toy(tmp_path), tmp_path / "source")
-    with pytest.raises(ConfigError, match="does not fit the configured model"):
+    with pytest.raises(ConfigError, match=r"does not fit the configured model MLP \(.*wrong shapes: .*model \(64,"):
         train(toy(tmp_path, f"init.path={source}", "model.kwargs={width: 64, depth: 2}"), tmp_path / "run")
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") is None
     with pytest.raises(ConfigError, match="init.path"):

@@ -28,6 +28,7 @@ from ..data.loader import step_batches
 from ..evaluation.preview import preview_plan, save_preview
 from ..models.loading import build_model, model_spec
 from ..models.pretrained import PretrainedError, load_pretrained
+from ..models.weights import state_mismatch
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
@@ -176,11 +177,12 @@ def _initialise(model: nn.Module, init: InitConfig, report=None) -> None:
         loaded = load_pretrained(init.path, weights="ema" if init.ema else "model")
     except (PretrainedError, FileNotFoundError) as err:
         raise ConfigError(f"init.path={init.path}: {err}") from None
-    own, theirs = model.state_dict(), loaded.model.state_dict()
-    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+    theirs = loaded.model.state_dict()
+    problems = state_mismatch(model.state_dict(), theirs, shown=3)
+    if problems:
         raise ConfigError(
             f"init.path={init.path} holds {loaded.spec['name']} {loaded.spec['kwargs']}, which does not fit the configured "
-            f"model {type(model).__name__} (different keys or shapes); set model.name / model.kwargs to match it"
+            f"model {type(model).__name__} ({' | '.join(problems)}); set model.name / model.kwargs to match it"
         )
     model.load_state_dict(theirs)
     if report:
