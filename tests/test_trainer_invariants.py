@@ -5,6 +5,7 @@ against arithmetic done here by hand.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -295,3 +296,47 @@ def test_ema_state_dicts_by_index_and_a_mismatched_state_is_an_error():
     wrong = {f"k{i}": torch.zeros(1) for i in range(7)}
     with pytest.raises(ValueError, match=r"differing keys: \['bias', 'k0', 'k1', 'k2', 'k3'\]\)"):
         ema.load_state_dict(0, wrong)
+
+
+def test_a_diverged_run_stops_at_the_next_logging_step_naming_the_bad_steps(tmp_path, monkeypatch):
+    """Steps 2-4 non-finite with max_bad_steps=3: the guard trips at step 4, training stops at the read of step 6."""
+    _poison_gradients(monkeypatch, {1, 2, 3})
+    run = tmp_path / "run"
+    with pytest.raises(trainer.TrainingDiverged, match="stopped at step 6: from step 2 to step 4, 3 consecutive"):
+        train(_cfg(tmp_path, "train.steps=10", "train.log_every=3", "train.checkpoint_every=0", "train.max_bad_steps=3"), run)
+    assert ckpt.latest_checkpoint(run / "checkpoints") is None
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(entry["step"], entry["bad_steps"]) for entry in logged] == [(3, 2)]
+
+
+def test_an_unfused_optimizer_state_resumes_into_the_fused_optimizer_that_can_skip():
+    """Checkpoints of older versions hold unfused Adam states; loaded, the optimizer still skips on the device."""
+    from meanflow.training.builders import build_optimizer, load_optimizer_state
+    from meanflow.training.ema import EMA
+    from meanflow.training.guard import apply_step
+
+    cfg = load_config("toy").train
+    torch.manual_seed(0)
+    old_net, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    old = torch.optim.Adam(old_net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    grads = [torch.randn(2, 3), torch.randn(2)]
+
+    def set_grads(model):
+        model.weight.grad, model.bias.grad = (g.clone() for g in grads)
+
+    set_grads(old_net)
+    old.step()
+    net.load_state_dict(old_net.state_dict())
+    fused = build_optimizer(net, cfg)
+    load_optimizer_state(fused, copy.deepcopy(old.state_dict()))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    set_grads(net)
+    apply_step(fused, EMA(net, [0.9]), net, torch.tensor(False))
+    _assert_equal(net.state_dict(), before)
+    assert all(float(s["step"]) == 1.0 for s in fused.state.values())
+    apply_step(fused, EMA(net, [0.9]), net, torch.tensor(True))
+    set_grads(old_net)
+    old.step()
+    assert all(float(s["step"]) == 2.0 for s in fused.state.values())
+    for a, b in zip(net.parameters(), old_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

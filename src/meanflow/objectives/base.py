@@ -3,7 +3,9 @@
 An objective is a class with a ``kind`` name, :class:`~meanflow.options.Option` attributes (its
 options, default and range written once), ``targets()`` (what the network regresses) and
 ``reduce()`` (the loss), registered with :func:`register`. Calling it gives
-``loss, stats = loss_fn(model, x, labels=None)``.
+``loss, stats = loss_fn(model, x, labels=None)``. ``reduce()`` and ``loss_and_targets()`` keep the
+statistics on the device (0-d tensors, :data:`DeviceStats`: training reads them only on logging
+steps); calling the objective copies them to plain floats.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..options import Option, OptionSet
 from .draws import Draws, Shard
 
 Stats = dict[str, float]
+DeviceStats = dict[str, torch.Tensor]  # 0-d tensors on the batch's device
 Model = nn.Module | Callable[..., Any]
 
 
@@ -85,12 +88,13 @@ class Objective:
         call gets the rows of each that match its inputs (objectives that take ``cond``).
         """
         loss, stats, _ = self.loss_and_targets(model, x, labels, generator=generator, shard=shard, cond=cond)
-        return loss, stats
+        return loss, host_stats(stats)
 
     def loss_and_targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None, *,
                          generator: torch.Generator | None = None, shard: Shard | None = None,
-                         cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Stats, Targets]:
-        """What calling the objective gives, plus the :class:`Targets` behind it (per-sample diagnostics)."""
+                         cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, DeviceStats, Targets]:
+        """The loss, its statistics still on the device (no host synchronisation) and the :class:`Targets`
+        behind them (per-sample diagnostics)."""
         extra = {"cond": checked_cond(cond, x.shape[0])} if cond else {}
         out = self.targets(model, x, labels, generator, shard=shard, **extra)
         return (*self.reduce(out), out)
@@ -99,7 +103,7 @@ class Objective:
                 generator: torch.Generator | None = None, *, shard: Shard | None = None) -> Targets:
         raise NotImplementedError
 
-    def reduce(self, out: Targets) -> tuple[torch.Tensor, Stats]:
+    def reduce(self, out: Targets) -> tuple[torch.Tensor, DeviceStats]:
         raise NotImplementedError
 
 
@@ -181,9 +185,21 @@ def checked_labels(model: Model, labels: torch.Tensor | None, size: int, device:
         return torch.full((size,), classes, dtype=torch.long, device=device)
     if labels.shape != (size,):
         raise ValueError(f"labels must have shape ({size},), got {tuple(labels.shape)}")
-    if labels.min() < 0 or labels.max() >= classes:
-        raise ValueError(f"labels must lie in [0, {classes - 1}], got range [{int(labels.min())}, {int(labels.max())}]")
+    _check_label_range(labels, classes)
     return labels
+
+
+def _check_label_range(labels: torch.Tensor, classes: int) -> None:
+    """ValueError unless every label (B,) lies in [0, classes - 1], decided without a host read.
+
+    On an accelerator the check is asynchronous (a device-side assertion that fails at the next
+    synchronisation) so that a training step does not wait for the device; on the CPU it raises at once.
+    """
+    message = f"labels must lie in [0, {classes - 1}]"
+    try:
+        torch._assert_async(((labels >= 0) & (labels < classes)).all(), message)
+    except RuntimeError:
+        raise ValueError(f"{message}, got range [{int(labels.min())}, {int(labels.max())}]") from None
 
 
 def drop_labels(labels: torch.Tensor | None, dropped: torch.Tensor, null: int) -> torch.Tensor | None:
@@ -203,15 +219,16 @@ def scatter_rows(rows: torch.Tensor, values: torch.Tensor, size: int) -> torch.T
     return out
 
 
-def weighted_regression(out: Targets, weighted: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+def weighted_regression(out: Targets, weighted: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, DeviceStats]:
     """mean_i weighted(||u_i - sg(target_i)||^2) and its diagnostics (:func:`error_stats`)."""
     sq = (out.u - out.target.detach()).pow(2).flatten(1)  # (B, D)
     loss = weighted(sq.sum(1)).mean()
     return loss, error_stats(sq, out.draws, out.dudt, loss=loss)
 
 
-def error_stats(sq: torch.Tensor, draws: Draws, dudt: torch.Tensor, **extra: torch.Tensor) -> Stats:
-    """Diagnostics: mse over all / r = t / r != t rows, mean |du/dt| on r != t rows, frac_jvp.
+def error_stats(sq: torch.Tensor, draws: Draws, dudt: torch.Tensor, **extra: torch.Tensor) -> DeviceStats:
+    """Diagnostics as 0-d tensors on sq's device: mse over all / r = t / r != t rows, mean |du/dt| on
+    r != t rows, frac_jvp (NaN for an empty set of rows).
 
     sq: (B, D) squared errors; dudt: (B, ...); extra: further scalar tensors to report.
     """
@@ -224,7 +241,11 @@ def error_stats(sq: torch.Tensor, draws: Draws, dudt: torch.Tensor, **extra: tor
         "mse_fm": per_dim[fm].mean() if fm.numel() else nan,
         "mse_mf": per_dim[mf].mean() if mf.numel() else nan,
         "dudt_abs": dudt.detach().abs().flatten(1)[mf].mean() if mf.numel() else nan,
+        "frac_jvp": per_dim.new_tensor(mf.numel() / sq.shape[0]),
     }
-    stats = dict(zip(values, torch.stack([v.to(per_dim.dtype) for v in values.values()]).tolist()))
-    stats["frac_jvp"] = mf.numel() / sq.shape[0]
-    return stats
+    return {k: v.to(per_dim.dtype) for k, v in values.items()}
+
+
+def host_stats(stats: DeviceStats) -> Stats:
+    """The statistics as plain floats (one device-to-host copy)."""
+    return dict(zip(stats, torch.stack(list(stats.values())).tolist())) if stats else {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..options import Option
-from .base import (LabelDropOptions, Model, Objective, Stats, Targets, WeightOptions, checked_labels, drop_labels,
+from .base import (DeviceStats, LabelDropOptions, Model, Objective, Targets, WeightOptions, checked_labels, drop_labels,
                    num_classes, register, target_dtype, weighted_regression)
 from .draws import Shard, draw_batch
 from .guidance import GuidanceOptions
@@ -48,5 +48,5 @@ class FlowMatchingLoss(Objective, WeightOptions, LabelDropOptions, GuidanceOptio
         target = v.to(dtype).detach()
         return Targets(u=u, target=target, dudt=torch.zeros_like(target), z=z, v=v, labels=labels, draws=draws)
 
-    def reduce(self, out: Targets) -> tuple[torch.Tensor, Stats]:
+    def reduce(self, out: Targets) -> tuple[torch.Tensor, DeviceStats]:
         return weighted_regression(out, self.weighted)

@@ -36,7 +36,7 @@ import torch
 
 from ..autodiff import Tangent, jvp
 from ..options import Option
-from .base import (JVPOptions, LabelDropOptions, Model, Objective, Stats, Targets, WeightOptions, checked_labels,
+from .base import (DeviceStats, JVPOptions, LabelDropOptions, Model, Objective, Targets, WeightOptions, checked_labels,
                    drop_labels, error_stats, num_classes, register, scatter_rows, target_dtype)
 from .draws import Draws, Shard, draw_batch
 from .path import _expand, conditional_velocity, interpolate
@@ -127,7 +127,7 @@ class IMFLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, PairTimeOp
             v_c, v_u = v.chunk(2)
             return v_c, v_t + _expand(1 - 1 / w, v_t) * (v_c - v_u)
 
-    def reduce(self, out: Targets) -> tuple[torch.Tensor, Stats]:
+    def reduce(self, out: Targets) -> tuple[torch.Tensor, DeviceStats]:
         """mean_i of the weighted L_u + L_v (module docstring) and diagnostics."""
         d = out.draws
         compound = out.u + _expand(d.t - d.r, out.u).to(out.u.dtype) * out.dudt.detach()  # V, (B, ...)

@@ -18,7 +18,7 @@ import torch
 
 from ..autodiff import Tangent, jvp
 from ..options import Option
-from .base import (JVPOptions, LabelDropOptions, Model, Objective, Stats, Targets, WeightOptions, checked_labels,
+from .base import (DeviceStats, JVPOptions, LabelDropOptions, Model, Objective, Targets, WeightOptions, checked_labels,
                    drop_labels, num_classes, register, scatter_rows, target_dtype, weighted_regression)
 from .draws import Draws, Shard, draw_batch
 from .guidance import GuidanceOptions
@@ -94,7 +94,7 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         target[rows] = mean_flow_target(v[rows], r[rows], t[rows], du)
         return u, target.detach(), scatter_rows(rows, du, z.shape[0])
 
-    def reduce(self, out: Targets) -> tuple[torch.Tensor, Stats]:
+    def reduce(self, out: Targets) -> tuple[torch.Tensor, DeviceStats]:
         return weighted_regression(out, self.weighted)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    host_group: Any = None  # process group for host-side flags (gloo); None: the default group is gloo already
 
     @property
     def is_main(self) -> bool:
@@ -59,9 +61,12 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
+    host_group = None
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    if world > 1 and dist.get_backend() != "gloo":
+        host_group = dist.new_group(backend="gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, host_group=host_group)
 
 
 def teardown() -> None:
@@ -127,14 +132,21 @@ def check_in_sync(model: nn.Module, info: DistInfo, step: int) -> None:
         )
 
 
-def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Average a dict of floats over ranks (NaN-aware only in the sense that NaN propagates)."""
-    if not info.enabled or not values:
+def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise mean of ``values`` over ranks, on the device (NaN propagates; no host read)."""
+    if not info.enabled:
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, (t / info.world_size).tolist()))
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / info.world_size
+
+
+def any_over_ranks(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is set on any rank: a host-side collective (gloo, CPU), no device synchronisation."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.host_group)
+    return bool(t.item())
 
 
 def sum_over_ranks(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

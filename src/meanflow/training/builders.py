@@ -14,8 +14,18 @@ def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over all parameters, with the configured lr, betas and weight decay."""
-    return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    """The optimizer named by ``cfg.optimizer`` over all parameters, with the configured lr, betas and weight
+    decay, fused: the fused kernels can skip a step on the device (the non-finite guard,
+    :mod:`meanflow.training.guard`)."""
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                     fused=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load ``state`` into a :func:`build_optimizer` optimizer, also one saved by an unfused optimizer
+    (checkpoints of older versions): the groups stay fused, the step counts move to the device."""
+    groups = [{**group, "fused": True, "foreach": None} for group in state["param_groups"]]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

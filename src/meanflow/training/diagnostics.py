@@ -12,10 +12,14 @@ averaged over the steps since the previous one:
   rows; ``dudt_abs_mean``: mean |du/dt| over the r != t rows.
 
 A bin without samples in the window is reported as None.
+
+:class:`StatsWindow` does the same for the per-step statistics (loss, mse, grad_norm, ...): each
+is reported as its mean over the window's steps where it was finite (NaN when it never was), and
+:func:`host_copy` reads everything a logging step reports in one device-to-host copy.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,11 +55,16 @@ class Diagnostics:
 
     def flush(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
         """Averages of the window (one host copy) and a reset; ``reduce`` sums the totals over processes."""
-        if self._sums is None:
-            return {}
-        sums = reduce(self._sums) if reduce else self._sums
-        self._sums = None
-        values = sums.tolist()
+        sums = self.take(reduce)
+        return {} if sums is None else self.report(sums.tolist())
+
+    def take(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The window's sums (1-D, on the device; None for an empty window), summed by ``reduce``, and a reset."""
+        sums, self._sums = self._sums, None
+        return reduce(sums) if reduce and sums is not None else sums
+
+    def report(self, values: list[float]) -> dict[str, Any]:
+        """The averages of the module docstring from the host copy of :meth:`take`'s sums."""
         n = 3 * self.bins
         by_t, by_h = values[:n], values[n:2 * n]
         fm, mf, (dudt_sum, dudt_count) = values[2 * n:2 * n + 3], values[2 * n + 3:2 * n + 6], values[2 * n + 6:]
@@ -85,8 +94,53 @@ class Diagnostics:
         return torch.stack([keep.sum().double(), (mse * keep).sum(), (loss * keep).sum()])
 
 
+class StatsWindow:
+    """Per-step statistics summed on the device over a logging window: each key's mean over the steps
+    where it was finite."""
+
+    def __init__(self):
+        self._sums: dict[tuple[str, ...], torch.Tensor] = {}  # keys -> (2, K): sums of finite values, counts
+
+    def add(self, keys: tuple[str, ...], values: torch.Tensor) -> None:
+        """Add one step's statistics ``values`` (K,) named by ``keys``; nothing is read on the host."""
+        finite = torch.isfinite(values)
+        part = torch.stack([torch.where(finite, values, 0.0), finite.to(values.dtype)])
+        self._sums[keys] = part if keys not in self._sums else self._sums[keys] + part
+
+    def take(self) -> tuple[list[tuple[str, ...]], torch.Tensor]:
+        """(key sets, their sums and counts flattened to 1-D on the device) and a reset."""
+        keys, sums = list(self._sums), [s.flatten() for s in self._sums.values()]
+        self._sums = {}
+        return keys, torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64)
+
+    @staticmethod
+    def means(keys: list[tuple[str, ...]], values: list[float]) -> dict[str, float]:
+        """Each key's mean over its finite steps (NaN when none) from the host copy of :meth:`take`."""
+        totals: dict[str, list[float]] = {}
+        start = 0
+        for names in keys:
+            k = len(names)
+            for i, name in enumerate(names):
+                total = totals.setdefault(name, [0.0, 0.0])
+                total[0] += values[start + i]
+                total[1] += values[start + k + i]
+            start += 2 * k
+        return {name: s / c if c > 0 else float("nan") for name, (s, c) in totals.items()}
+
+
+def host_copy(parts: Sequence[torch.Tensor]) -> list[list[float]]:
+    """The values of several 1-D tensors, read together in one device-to-host copy (float64)."""
+    device = next((p.device for p in parts if p.numel()), torch.device("cpu"))
+    flat = torch.cat([p.to(device, torch.float64) for p in parts]).tolist()
+    out, start = [], 0
+    for p in parts:
+        out.append(flat[start:start + p.numel()])
+        start += p.numel()
+    return out
+
+
 def _ratio(total: float, count: float) -> float | None:
     return total / count if count > 0 else None
 
 
-__all__ = ["DEFAULT_BINS", "Diagnostics"]
+__all__ = ["DEFAULT_BINS", "Diagnostics", "StatsWindow", "host_copy"]

@@ -16,14 +16,19 @@ class EMA:
         self.shadows = [{k: v.detach().clone().float() for k, v in model.state_dict().items()} for _ in self.decays]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """One EMA step from ``model``; ``applied`` (0-d bool on the device, None = True) masks it on the
+        device: where False every shadow stays bit-identical, without a host read."""
         params = dict(model.named_parameters())
         for decay, shadow in zip(self.decays, self.shadows):
+            weight = 1.0 - decay if applied is None else applied.float() * (1.0 - decay)
             for name, value in model.state_dict().items():
                 if name in params:
-                    shadow[name].lerp_(value.float(), 1.0 - decay)
-                else:
+                    shadow[name].lerp_(value.float(), weight)
+                elif applied is None:
                     shadow[name].copy_(value)
+                else:
+                    shadow[name].copy_(torch.where(applied, value.to(shadow[name].dtype), shadow[name]))
 
     def state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
         return self.shadows[index]

@@ -2,15 +2,16 @@
 
 One step: take this rank's shard of the global batch, draw all randomness from generators seeded
 by (seed, step) for the whole global batch (dropout masks inside the model too, per global sample:
-:mod:`meanflow.runtime.per_sample`), compute the loss, backpropagate, average gradients over ranks explicitly, skip
-the step if anything is non-finite, otherwise update the weights and the EMA. Checkpoints are
-atomic and carry everything needed to continue bit-for-bit.
+:mod:`meanflow.runtime.per_sample`), compute the loss, backpropagate, average gradients over ranks (DDP or explicitly), and update
+the weights and the EMA unless the loss or gradient norm is non-finite, decided on the device
+(:mod:`meanflow.training.guard`). Statistics stay on the device and are read by the host only on
+logging steps and checkpoints (one copy each). Checkpoints are atomic and carry everything needed to
+continue bit-for-bit.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import signal
 from dataclasses import dataclass
@@ -35,15 +36,12 @@ from ..runtime import distributed as D
 from ..runtime.per_sample import PerSampleDropout
 from ..sampling import guidance_inputs
 from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
-from .builders import build_loss, build_optimizer, learning_rate
-from .diagnostics import Diagnostics
+from .builders import build_loss, build_optimizer, learning_rate, load_optimizer_state
+from .diagnostics import Diagnostics, StatsWindow, host_copy
 from .ema import EMA
-from .hooks import Hooks
+from .guard import NonFiniteGuard, TrainingDiverged, apply_step
+from .hooks import Hooks, StepStats
 from .logging import RunLogger
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -100,7 +98,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     ddp = D.data_parallel(model, info, cfg.objective.resolved().get("jvp"), compiled=cfg.train.compile)
     forward = ddp or _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
-    diagnostics = Diagnostics()
+    diagnostics, window = Diagnostics(), StatsWindow()
+    guard = NonFiniteGuard(info.device, cfg.train.max_bad_steps, state.bad_steps, state.consecutive_bad)
     stop = _StopFlag()
     autocast = _autocast(cfg, info.device)
     try:
@@ -120,30 +119,27 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             loss.backward()
             if ddp is None:
                 D.all_reduce_gradients(model, info.world_size)
-            grad_norm = _grad_norm(model, cfg.train.grad_clip)
-            stats = D.mean_over_ranks({**stats, "grad_norm": grad_norm, "stop": float(stop.requested)}, info)
+            keys, values = _step_values({**stats, "grad_norm": _grad_norm(model, cfg.train.grad_clip)}, info)
             state.step += 1
-            if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
-                _skip(state, cfg, out, logger, stats)
-            else:
-                state.consecutive_bad = 0
-                optimizer.step()
-                ema.update(model)
-                if step == 0 or state.step == cfg.train.steps:
-                    D.check_in_sync(model, info, state.step)
-            stats.update(lr=optimizer.param_groups[0]["lr"], bad_steps=state.bad_steps)
+            apply_step(optimizer, ema, model, guard.observe(values[keys.index("loss")], values[keys.index("grad_norm")], state.step))
+            if step == 0 or state.step == cfg.train.steps:
+                D.check_in_sync(model, info, state.step)
+            window.add(keys, values)
+            lr = optimizer.param_groups[0]["lr"]
+            interrupted = D.any_over_ranks(stop.requested, info)
             log_now = bool(cfg.train.log_every) and state.step % cfg.train.log_every == 0
-            if log_now:
-                stats.update(diagnostics.flush(lambda sums: D.sum_over_ranks(sums, info)))
-            logger.step(step, stats, log=log_now)
+            save_now = interrupted or state.step == cfg.train.steps or bool(cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
+            read = log_now or save_now  # the only steps whose results the host reads
+            report = _read(state, guard, window, diagnostics if log_now else None, info, out, logger) if read else {}
+            logger.step(step, {**report, "lr": lr}, log=log_now)
+            step_stats = StepStats({**dict(zip(keys, values)), "lr": lr, "bad_steps": guard.counters[0]})
             for hook in hooks:
-                hook.after_step(state.step, stats, model)
+                hook.after_step(state.step, step_stats, model)
             if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
                 net = _write_samples(model, ema, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
                 for hook in hooks:
                     hook.at_evaluation(state.step, net, train_set)
-            interrupted = stats["stop"] > 0
-            if interrupted or state.step == cfg.train.steps or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+            if save_now:
                 path = _save(out, model, optimizer, ema, state, meta, cfg, info)
                 for hook in hooks:
                     hook.at_checkpoint(state.step, path)
@@ -218,30 +214,39 @@ def _batch(x: torch.Tensor, labels: torch.Tensor | None, step: int, info: D.Dist
     return x, None if labels is None else labels.to(info.device, non_blocking=True), cond
 
 
-def _grad_norm(model: nn.Module, clip: float) -> float:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
+    """The global gradient norm (0-d, on the device), after clipping the gradients to ``clip`` when > 0."""
     if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else next(model.parameters()).new_zeros(())
+
+
+def _step_values(stats: dict[str, torch.Tensor | float], info: D.DistInfo) -> tuple[tuple[str, ...], torch.Tensor]:
+    """(names, values (K,) float64 on the device): one step's statistics averaged over processes, no host read."""
+    values = torch.stack([torch.as_tensor(v, device=info.device).double() for v in stats.values()])
+    return tuple(stats), D.mean_over_ranks(values, info)
+
+
+def _read(state: TrainState, guard: NonFiniteGuard, window: StatsWindow, diagnostics: Diagnostics | None,
+          info: D.DistInfo, out: Path, logger: RunLogger) -> dict[str, Any]:
+    """Everything a logging step or checkpoint reports, in one device-to-host copy: the window's means,
+    the guard's counters (into ``state``; TrainingDiverged after too many consecutive skipped steps)
+    and, with ``diagnostics``, its per-bin averages."""
+    keys, sums = window.take()
+    bins = diagnostics.take(lambda sums: D.sum_over_ranks(sums, info)) if diagnostics else None
+    counters, sums, bins = host_copy([guard.counters, sums, torch.zeros(0) if bins is None else bins])
+    bad, state.consecutive_bad = guard.check(counters, state.step, out)
+    if bad > state.bad_steps:
+        logger.message(f"step {state.step}: {bad - state.bad_steps} step(s) since the last report had a non-finite loss "
+                       "or gradient norm and were skipped (weights, optimizer and EMA untouched)")
+    state.bad_steps = bad
+    return {**window.means(keys, sums), "bad_steps": bad, **(diagnostics.report(bins) if bins else {})}
 
 
 def _unweighted(d: torch.Tensor) -> torch.Tensor:
     """Loss terms of an objective without adaptive weighting: the squared errors d (B,) themselves."""
     return d
-
-
-def _skip(state: TrainState, cfg: Config, out: Path, logger: RunLogger, stats: dict[str, float]) -> None:
-    """Count a non-finite step (weights, optimizer and EMA untouched); stop after too many in a row."""
-    state.bad_steps += 1
-    state.consecutive_bad += 1
-    logger.message(f"step {state.step}: non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}); step skipped")
-    if state.consecutive_bad >= cfg.train.max_bad_steps:
-        last = ckpt.latest_checkpoint(out / "checkpoints")
-        raise TrainingDiverged(
-            f"training stopped at step {state.step}: {state.consecutive_bad} consecutive steps had a non-finite loss or "
-            f"gradient (train.max_bad_steps={cfg.train.max_bad_steps}); weights were not updated by them. Last good "
-            f"checkpoint: {last if last else 'none'}. Lower train.lr, set train.grad_clip, or check the data for NaN/inf."
-        )
 
 
 def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config, info: D.DistInfo) -> Path | None:
@@ -274,7 +279,7 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
     for i, decay in enumerate(ema.decays):
         ema.load_state_dict(i, ckpt.read_weights(path / EMA.file_name(i, decay)))
     saved = ckpt.read_state(path)
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, saved["optimizer"])
     restore_rng_states(saved)
     if report:
         report(f"resuming from {path} (step {saved['step']})")
