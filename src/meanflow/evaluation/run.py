@@ -14,7 +14,7 @@ from torch import nn
 from .. import objectives
 from ..config import load_config
 from ..data import load_dataset
-from ..metrics.pointcloud import energy_distance, histogram_tv, sliced_wasserstein
+from ..metrics.pointcloud import class_sliced_wasserstein, energy_distance, histogram_tv, sliced_wasserstein
 from ..models.loading import OFFICIAL_SUFFIXES, load_model
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
@@ -35,29 +35,39 @@ def sampler_plan(objective: str, eval_steps: list[int], ode_steps: int) -> list[
 
 def evaluate_points(
     model: nn.Module, reference: torch.Tensor, plan: list[tuple[str, int]], num: int, seed: int,
-    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None, batch_size: int = 1000, **guidance,
+    device: str | torch.device = "cpu", train_points: torch.Tensor | None = None, batch_size: int = 1000,
+    reference_labels: torch.Tensor | None = None, train_labels: torch.Tensor | None = None, **guidance,
 ) -> dict[str, Any]:
     """Sliced W2, energy distance and (2-D points) histogram TV of each sampler's samples vs held-out points (N, D).
 
     ``train_points`` (optional) gives the noise floor: the same metrics between training data and the
     reference at equal sample count. ``guidance``: ``omega`` / ``interval`` for iMF-style models.
+    Labelled points for a class-conditional model (``reference_labels`` (N,), and ``train_labels``
+    for the floor): samples are drawn with the reference's labels, and ``class_sliced_w2`` (the mean
+    over classes of the sliced W2 within each class) is added.
     """
     ref = reference[:num].double()
+    conditional = reference_labels is not None and getattr(model, "num_classes", 0) > 0
+    ref_labels = reference_labels[: ref.shape[0]] if conditional else None
     results: dict[str, Any] = {}
 
-    def score(x: torch.Tensor) -> dict[str, float]:
+    def score(x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         gen = torch.Generator().manual_seed(seed)
         out = {"sliced_w2": sliced_wasserstein(x.double(), ref, generator=gen), "energy_distance": energy_distance(x.double(), ref)}
         if ref.shape[1] == 2:
             out["histogram_tv"] = histogram_tv(x, ref)
+        if ref_labels is not None:
+            out["class_sliced_w2"] = class_sliced_wasserstein(x, labels, ref, ref_labels, generator=torch.Generator().manual_seed(seed))
         return out
 
+    label_options = {} if ref_labels is None else {"labels": ref_labels, "num_classes": model.num_classes}
     for method, steps in plan:
-        samples, _ = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, batch_size=batch_size,
-                              device=device, **guidance)
-        results[f"{method}_{steps}nfe"] = {"method": method, "nfe": nfe(steps, method), **score(samples)}
+        samples, labels = generate(model, ref.shape[0], tuple(ref.shape[1:]), steps, method, seed=seed, batch_size=batch_size,
+                                   device=device, **label_options, **guidance)
+        results[f"{method}_{steps}nfe"] = {"method": method, "nfe": nfe(steps, method), **score(samples, labels)}
     if train_points is not None:
-        results["data_floor"] = {"method": "training data", "nfe": 0, **score(train_points[: ref.shape[0]])}
+        floor_labels = None if train_labels is None else train_labels[: ref.shape[0]]
+        results["data_floor"] = {"method": "training data", "nfe": 0, **score(train_points[: ref.shape[0]], floor_labels)}
     return results
 
 
@@ -121,10 +131,11 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     if train_set.kind == "points":
         if reference is None:
             raise ValueError("this data set has no held-out reference points to compare with")
-        ref, _ = reference.get(torch.arange(min(num, len(reference))))
-        floor, _ = train_set.get(torch.arange(min(num, len(train_set))))
+        ref, ref_labels = reference.get(torch.arange(min(num, len(reference))))
+        floor, floor_labels = train_set.get(torch.arange(min(num, len(train_set))))
         results = evaluate_points(model, ref, plan, num, seed, info.device, train_points=floor,
-                                  batch_size=batch_size or cfg.eval.batch_size, **guidance)
+                                  batch_size=batch_size or cfg.eval.batch_size, reference_labels=ref_labels,
+                                  train_labels=floor_labels, **guidance)
         return {**header, "results": results}
     options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size,
                    save_samples=save_samples, **guidance)

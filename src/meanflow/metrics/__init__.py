@@ -11,13 +11,14 @@ from .image_metrics import (
     precision_recall,
 )
 from .inception import InceptionFeatures, resolve_inception_weights
-from .pointcloud import energy_distance, histogram_tv, sliced_wasserstein
+from .pointcloud import class_sliced_wasserstein, energy_distance, histogram_tv, sliced_wasserstein
 
 __all__ = [
     "DigitsClassifier",
     "FeatureExtractor",
     "InceptionFeatures",
     "RunningStatistics",
+    "class_sliced_wasserstein",
     "compute_image_metrics",
     "digits_frechet",
     "energy_distance",

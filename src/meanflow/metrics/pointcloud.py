@@ -1,5 +1,5 @@
-"""Distances between point clouds: sliced Wasserstein-2, energy distance and, for 2-D points, the
-total variation between histograms (float64 throughout).
+"""Distances between point clouds: sliced Wasserstein-2, its class-conditional mean for labelled
+points, energy distance and, for 2-D points, the total variation between histograms (float64 throughout).
 
 Both take two samples x (N, D) and y (M, D) (torch tensors or numpy arrays; N and M may differ)
 and return a Python float that is 0 for identical sets and grows with the discrepancy.
@@ -48,6 +48,37 @@ def sliced_wasserstein(
         squared = (sorted_x[index_x] - sorted_y[index_y]) ** 2  # (cells, p)
         total += float((weights[:, None] * squared).sum())
     return (total / num_projections) ** 0.5
+
+
+def class_sliced_wasserstein(
+    x: torch.Tensor | np.ndarray,
+    x_labels: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    y_labels: torch.Tensor | np.ndarray,
+    num_projections: int = 512,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Mean over the classes of y of the sliced W2 between x and y restricted to that class.
+
+    x (N, D) with integer labels x_labels (N,), y (M, D) with y_labels (M,). Every class present in
+    y_labels counts once, whatever its size: ``mean_c SW2(x[x_labels == c], y[y_labels == c])``,
+    each term as :func:`sliced_wasserstein` (the same directions for every class when
+    ``generator`` is None). It sees what the unlabelled distance cannot: samples of one class
+    landing on another class's points. A class of y with no sample in x is an error.
+    """
+    x_labels, y_labels = torch.as_tensor(x_labels).cpu(), torch.as_tensor(y_labels).cpu()
+    for name, cloud, labels in (("x", x, x_labels), ("y", y, y_labels)):
+        if labels.ndim != 1 or labels.shape[0] != len(cloud):
+            raise ValueError(f"{name}_labels must have shape ({len(cloud)},) (one label per point), got {tuple(labels.shape)}")
+    x, y = _as_float64(x, y)
+    terms = []
+    for c in y_labels.unique().tolist():
+        mine = x[x_labels == c]
+        if mine.shape[0] == 0:
+            raise ValueError(f"class {c} has reference points but no samples: draw samples with every reference label")
+        gen = None if generator is None else torch.Generator().set_state(generator.get_state())
+        terms.append(sliced_wasserstein(mine, y[y_labels == c], num_projections, gen))
+    return sum(terms) / len(terms)
 
 
 def _quantile_cells(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
