@@ -26,19 +26,25 @@ here, which pass plain tensors straight to the ordinary ops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+@dataclass(init=False, repr=False, eq=False)
 class Dual:
     """Primal values (B, ...) and the tangent (n, ...) of their first n rows, n <= B.
 
-    The primal may require gradients; the tangent never does.
+    The primal may require gradients; the tangent never does. Declared a dataclass so that
+    wrappers which find a call's tensors by walking its inputs and outputs (FSDP2's hooks that
+    reduce-scatter the gradients after backward) see the tensors inside.
     """
 
     __slots__ = ("primal", "tangent")
+    primal: Tensor
+    tangent: Tensor
 
     def __init__(self, primal: Tensor, tangent: Tensor):
         if tangent.shape[1:] != primal.shape[1:] or tangent.shape[0] > primal.shape[0]:
