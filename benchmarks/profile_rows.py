@@ -1,0 +1,82 @@
+"""Where the row tangent's time goes on the plain DiT: one ``row_jvp`` pass against a plain forward.
+
+    python benchmarks/profile_rows.py [--rows 48] [--batch 64] [--threads 1] [--repeats 7]
+
+Prints the time of a row pass (the forward of the whole batch with the tangent of its first
+``--rows`` rows, as MeanFlow's ``jvp="rows"`` runs it) over a plain forward with gradient
+(interleaved medians), then torch.profiler's self CPU time per op for both and their difference:
+the ops the tangent adds (matmuls of the tangent rows, backward kernels of norms and GELU, the
+attention tangent's products) and the copies it makes of non-contiguous tangents.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from meanflow.autodiff.rows import row_jvp
+from plain_dit import PlainDiT
+
+
+def build(batch: int, rows: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(row pass, plain forward) of the benchmark's plain DiT (dit-tiny/2 size, 16x16x4, 10 classes)."""
+    torch.manual_seed(0)
+    model = PlainDiT(channels=4, size=16, dim=128, depth=4, heads=4, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)  # the zero-initialised layers: make u and du/dt non-trivial
+    gen = torch.Generator().manual_seed(1)
+    z, r = torch.randn(batch, 4, 16, 16, generator=gen), 0.5 * torch.rand(batch, generator=gen)
+    t, labels = r + 0.5, torch.randint(0, 10, (batch,), generator=gen)
+    dz, dt = torch.randn(rows, 4, 16, 16, generator=gen), torch.ones(rows)
+
+    def forward(z, r, t):
+        return model(z, r, t, labels)
+
+    return (lambda: row_jvp(forward, (z, r, t), (dz, None, dt))), (lambda: forward(z, r, t))
+
+
+def self_times(fn: Callable[[], object]) -> dict[str, float]:
+    """Self CPU milliseconds per op name of one call."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    times: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        times[event.key] += event.self_cpu_time_total / 1000
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows_pass, plain = build(args.batch, args.rows)
+    ratios = []
+    for _ in range(args.repeats + 1):
+        start = time.perf_counter()
+        rows_pass()
+        middle = time.perf_counter()
+        plain()
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    print(f"row pass ({args.rows} of {args.batch} rows) / plain forward: median {statistics.median(ratios[1:]):.3f} "
+          f"over {args.repeats} rounds (first round dropped)")
+    with_rows, without = self_times(rows_pass), self_times(plain)
+    print(f"self CPU ms: row pass {sum(with_rows.values()):.1f}, plain forward {sum(without.values()):.1f}")
+    print(f"{'op':<50} {'row pass':>9} {'plain':>9} {'added':>9}")
+    for name in sorted(with_rows, key=lambda k: without.get(k, 0.0) - with_rows[k])[:args.top]:
+        print(f"{name[:50]:<50} {with_rows[name]:9.1f} {without.get(name, 0.0):9.1f} {with_rows[name] - without.get(name, 0.0):9.1f}")
+
+
+if __name__ == "__main__":
+    main()
