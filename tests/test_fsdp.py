@@ -26,6 +26,7 @@ from conftest import free_port
 from user_models import UserMLP
 
 BATCH = 16
+MODES = ("dual", "rows")
 
 
 def _model(mode: str) -> nn.Module:
@@ -45,28 +46,36 @@ def _data() -> torch.Tensor:
     return torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(1))
 
 
-def _worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """Per JVP mode: shard every Linear and the root, one step on this rank's half, rank 0 saves the weights."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = _model(mode)
-        for layer in [m for m in model.modules() if isinstance(m, nn.Linear)]:
-            fully_shard(layer)
-        fully_shard(model)
-        local = BATCH // world
-        _step(model, _data()[rank * local:(rank + 1) * local], mode, Shard(rank * local, BATCH))
-        weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        if rank == 0:
-            torch.save(weights, Path(out) / "fsdp.pt")
+        for mode in MODES:
+            model = _model(mode)
+            for layer in [m for m in model.modules() if isinstance(m, nn.Linear)]:
+                fully_shard(layer)
+            fully_shard(model)
+            local = BATCH // world
+            _step(model, _data()[rank * local:(rank + 1) * local], mode, Shard(rank * local, BATCH))
+            weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            if rank == 0:
+                torch.save(weights, Path(out) / f"fsdp_{mode}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["dual", "rows"])
-def test_one_fsdp2_step_on_two_processes_equals_one_process(tmp_path, mode):
-    mp.start_processes(_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, start_method="spawn")
-    sharded = torch.load(tmp_path / "fsdp.pt")
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn")
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_fsdp2_step_on_two_processes_equals_one_process(sharded_runs, mode):
+    sharded = torch.load(sharded_runs / f"fsdp_{mode}.pt")
     reference, start = _model(mode), _model(mode).state_dict()
     _step(reference, _data(), mode, None)
     assert sharded.keys() == reference.state_dict().keys()
