@@ -97,6 +97,38 @@ def test_flow_matching_is_meanflow_without_jvp(net):
     torch.testing.assert_close(FlowMatchingLoss()(net, x, generator=torch.Generator().manual_seed(1))[0], mf)
 
 
+def test_flow_matching_guided_conditional_and_sharded_against_hand_arithmetic():
+    torch.manual_seed(0)
+    net = TanhNet(num_classes=4).double()
+    x, y = torch.randn(48, 3, dtype=torch.float64), torch.randint(0, 4, (48,))
+    loss_fn = FlowMatchingLoss(omega=2.0, kappa=0.5, label_drop=0.3, t_start=0.4, t_end=0.7)
+    full = loss_fn.targets(net, x, y, generator=torch.Generator().manual_seed(6))
+    part = slice(8, 32)
+    half = loss_fn.targets(net, x[part], y[part], generator=torch.Generator().manual_seed(6), shard=Shard(8, 48))
+    torch.testing.assert_close(half.draws.t, full.draws.t[part], rtol=1e-12, atol=0)
+    assert torch.equal(half.draws.noise, full.draws.noise[part]) and torch.equal(half.draws.dropped, full.draws.dropped[part])
+    for out, xs, ys in ((full, x, y), (half, x[part], y[part])):
+        d, null = out.draws, torch.full_like(ys, 4)
+        assert torch.equal(d.r, d.t) and d.dropped.any() and (~d.dropped).any()
+        z = (1 - d.t[:, None]) * xs + d.t[:, None] * d.noise
+        fed = torch.where(d.dropped, null, ys)
+        plain = d.noise - xs
+        guided = 2.0 * plain + 0.5 * net(z, d.t, d.t, ys) + (1 - 2.0 - 0.5) * net(z, d.t, d.t, null)
+        apply = ~d.dropped & (d.t >= 0.4) & (d.t <= 0.7)
+        assert apply.any() and (~apply & ~d.dropped).any()
+        v = torch.where(apply[:, None], guided, plain)
+        torch.testing.assert_close(out.z, z)
+        assert torch.equal(out.labels, fed)
+        torch.testing.assert_close(out.u, net(z, d.t, d.t, fed))
+        torch.testing.assert_close(out.target, v)
+        assert torch.equal(out.dudt, torch.zeros_like(v))
+        loss, _ = loss_fn.reduce(out)
+        torch.testing.assert_close(loss, (out.u - v).pow(2).sum(1).mean())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the target math stays in float32 under autocast
+        out = loss_fn.targets(net.float(), x.float(), y, generator=torch.Generator().manual_seed(6))
+    assert out.u.dtype == out.target.dtype == torch.float32
+
+
 def test_fixed_jvp_count_and_shards_reassemble_global_batch():
     mask = jvp_mask(0.25, 0, 64, 64)
     assert sum(mask) == 16

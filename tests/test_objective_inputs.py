@@ -65,3 +65,15 @@ def test_tangent_option_sets_the_time_tangents(option, dr, dt):
         dual = model(fwAD.make_dual(out.z, out.v), fwAD.make_dual(r, torch.full_like(r, dr)), fwAD.make_dual(t, torch.full_like(t, dt)), out.labels)
         expected = fwAD.unpack_dual(dual).tangent
     torch.testing.assert_close(out.dudt, expected)
+
+
+def test_calling_the_loss_checks_cond_and_gives_it_to_every_row():
+    torch.manual_seed(0)
+    model, x, labels, aug = Conditioned(), torch.randn(8, 2), torch.arange(8) % 3, torch.randn(8, 2)
+    loss_fn = MeanFlowLoss(ratio=0.5, label_drop=0.0)
+    loss, _, out = loss_fn.loss_and_targets(model, x, labels, generator=torch.Generator().manual_seed(1), cond={"augment_labels": aug})
+    torch.testing.assert_close(out.u, model(out.z, out.draws.r, out.draws.t, labels, augment_labels=aug))
+    assert torch.equal(loss, loss_fn(model, x, labels, torch.Generator().manual_seed(1), cond={"augment_labels": aug})[0])
+    for bad, shown in [(aug[:5], r"torch.Size\(\[5, 2\]\)"), (torch.tensor(1.0), r"torch.Size\(\[\]\)"), ([1, 2], r"\[1, 2\]")]:
+        with pytest.raises(ValueError, match=r"cond\['augment_labels'\] must be a tensor with one row per sample \(8\), got " + shown):
+            loss_fn(model, x, labels, cond={"augment_labels": bad})

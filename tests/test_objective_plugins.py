@@ -10,6 +10,7 @@ from meanflow.autodiff import Tangent, jvp
 from meanflow.config import ConfigError, from_dict, load_config
 from meanflow.models import create
 from meanflow.objectives import Shard
+from meanflow.options import Option
 
 
 class TanhNet(nn.Module):
@@ -66,6 +67,31 @@ def test_objectives_are_registered_plug_ins_with_their_own_options():
     assert FlowMatchingLoss().weight_power == 0.0 and MeanFlowLoss().weight_power == 1.0
     with pytest.raises(ValueError, match=r"'flow_matching' does not read option ratio \(read by objective .*'meanflow'"):
         FlowMatchingLoss(ratio=0.5)
+
+
+def test_a_user_objective_registers_by_kind_with_its_options(monkeypatch):
+    from meanflow import options as opts
+    from meanflow.objectives import base
+
+    monkeypatch.setattr(base, "OBJECTIVES", dict(base.OBJECTIVES))
+    monkeypatch.setattr(opts, "_REGISTRY", {section: dict(kinds) for section, kinds in opts._REGISTRY.items()})
+
+    class Halved(base.Objective, base.WeightOptions):
+        kind = "halved"
+        scale = Option(0.5, above=0.0, doc="a factor")
+
+    assert base.register(Halved) is Halved
+    assert objectives.get("halved") is Halved and "halved" in objectives.available() and "halved" in opts.kinds("objective")
+    made = objectives.create("halved", scale=2.0)
+    assert isinstance(made, Halved) and made.scale == 2.0 and made.weight_eps == 1e-3
+    assert repr(made) == "Halved(weight_power=1.0, weight_eps=0.001, scale=2.0)"
+
+    class Nameless(base.Objective):
+        pass
+
+    with pytest.raises(ValueError, match="Nameless needs a kind name to be registered"):
+        base.register(Nameless)
+    assert "" not in objectives.available()
 
 
 def test_config_objective_section_uses_the_objectives_declarations():
