@@ -80,6 +80,7 @@ def test_target_tangent_and_loss_match_the_official_formulas(net, mode):
     rows = out.draws.jvp_index
     torch.testing.assert_close(out.tangent, v_c, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.target, v_g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.v, v_g, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.dudt[rows], dudt[rows], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=0)
     assert not out.dudt[out.draws.fm_index].any() and stats["frac_jvp"] == 0.5
@@ -146,6 +147,7 @@ def test_under_bf16_autocast_the_guided_target_is_combined_in_float32():
         v_c = net(out.z, d.t, d.t, y, omega=w, t_min=zero, t_max=one, return_v=True)[1]
         v_u = net(out.z, d.t, d.t, torch.full_like(y, 3), omega=one, t_min=zero, t_max=one, return_v=True)[1]
     assert v_c.dtype == torch.bfloat16 and out.tangent.dtype == out.target.dtype == torch.float32
+    assert out.u.dtype == out.v_head.dtype == out.dudt.dtype == torch.float32
     v_g = (d.noise - x).double() + (1 - 1 / w.double())[:, None] * (v_c.double() - v_u.double())
     torch.testing.assert_close(out.target.double(), v_g, rtol=1e-6, atol=1e-6)
 

@@ -88,6 +88,20 @@ def test_loss_is_adaptively_weighted_squared_error_with_stop_gradient(net):
     torch.testing.assert_close(g_loss, torch.cat([p.grad.flatten() for p in net.parameters()]))
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.0, 1.0])
+def test_stats_are_the_errors_of_each_kind_of_row(net, ratio):
+    x = torch.randn(16, 3, dtype=torch.float64)
+    loss_fn = MeanFlowLoss(ratio=ratio)
+    out = loss_fn.targets(net, x, generator=torch.Generator().manual_seed(2))
+    loss, stats = loss_fn(net, x, generator=torch.Generator().manual_seed(2))
+    per_dim, mf = (out.u - out.target).pow(2).mean(1), out.draws.r != out.draws.t
+    expected = {"loss": loss, "mse": per_dim.mean(), "mse_fm": per_dim[~mf].mean(), "mse_mf": per_dim[mf].mean(),
+                "dudt_abs": out.dudt.abs()[mf].mean(), "frac_jvp": torch.tensor(ratio)}  # empty means are nan
+    assert list(stats) == list(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(torch.tensor(stats[key], dtype=torch.float64), value.double(), equal_nan=True, msg=key)
+
+
 def test_flow_matching_is_meanflow_without_jvp(net):
     x = torch.randn(16, 3, dtype=torch.float64)
     fm = FlowMatchingLoss().targets(net, x, generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from meanflow import MeanFlowLoss
+from meanflow import FlowMatchingLoss, MeanFlowLoss
 
 
 class Conditioned(nn.Module):
@@ -40,6 +40,18 @@ def test_guidance_calls_get_the_conditioning():
     torch.testing.assert_close(out.v, expected)
     torch.testing.assert_close(out.tangent, out.v)  # the JVP runs along the guided field
     torch.testing.assert_close(out.u, model(out.z, out.draws.r, t, labels, augment_labels=aug))  # and so does the main forward
+
+
+def test_flow_matching_gives_the_conditioning_to_the_guidance_and_the_forward():
+    torch.manual_seed(0)
+    model, x = Conditioned(), torch.randn(8, 2)
+    labels, aug = torch.arange(8) % 3, torch.randn(8, 2)
+    out = FlowMatchingLoss(omega=2.0, label_drop=0.0).targets(model, x, labels, torch.Generator().manual_seed(1), cond={"augment_labels": aug})
+    t = out.draws.t
+    with torch.no_grad():
+        unguided = model(out.z, t, t, torch.full_like(labels, 3), augment_labels=aug)
+    torch.testing.assert_close(out.target, 2.0 * (out.draws.noise - x) + (1 - 2.0) * unguided)
+    torch.testing.assert_close(out.u, model(out.z, t, t, labels, augment_labels=aug))
 
 
 def test_jvp_target_passes_the_labels():
