@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from meanflow import FlowMatchingLoss, MeanFlowLoss, sample
+from meanflow.models import create
 from meanflow.objectives import Shard, jvp_mask
 
 
@@ -269,6 +270,20 @@ def test_guided_velocity_formula_and_dropped_labels_use_plain_velocity():
     # the guided field is also the JVP tangent: target = v_g - (t - r) d/dt u along v_g
     dudt = _fd_total_derivative(net, out.z, d.r, d.t, out.v, out.labels)
     torch.testing.assert_close(out.target, out.v - (d.t - d.r)[:, None] * dudt, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("kappa", [0.5, 1.0])
+def test_guided_field_with_kappa_is_combined_in_float32_under_bf16_autocast(kappa):
+    torch.manual_seed(0)
+    net = create("mlp", dim=3, width=32, depth=2, num_classes=4)
+    x, y = torch.randn(64, 3), torch.randint(0, 4, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FlowMatchingLoss(omega=2.0, kappa=kappa, label_drop=0.0).targets(net, x, y, generator=torch.Generator().manual_seed(4))
+        t = out.draws.t
+        u_c, u_null = net(out.z, t, t, y), net(out.z, t, t, torch.full_like(y, 4))
+    assert u_c.dtype == torch.bfloat16 and out.target.dtype == torch.float32
+    expected = 2.0 * (out.draws.noise - x).double() + kappa * u_c.double() + (1 - 2.0 - kappa) * u_null.double()
+    torch.testing.assert_close(out.target.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_guidance_interval_limits_where_guidance_applies():

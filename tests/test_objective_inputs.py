@@ -46,11 +46,13 @@ def test_flow_matching_gives_the_conditioning_to_the_guidance_and_the_forward():
     torch.manual_seed(0)
     model, x = Conditioned(), torch.randn(8, 2)
     labels, aug = torch.arange(8) % 3, torch.randn(8, 2)
-    out = FlowMatchingLoss(omega=2.0, label_drop=0.0).targets(model, x, labels, torch.Generator().manual_seed(1), cond={"augment_labels": aug})
+    out = FlowMatchingLoss(omega=2.0, kappa=0.5, label_drop=0.0).targets(model, x, labels, torch.Generator().manual_seed(1),
+                                                                         cond={"augment_labels": aug})
     t = out.draws.t
     with torch.no_grad():
+        cond = model(out.z, t, t, labels, augment_labels=aug)
         unguided = model(out.z, t, t, torch.full_like(labels, 3), augment_labels=aug)
-    torch.testing.assert_close(out.target, 2.0 * (out.draws.noise - x) + (1 - 2.0) * unguided)
+    torch.testing.assert_close(out.target, 2.0 * (out.draws.noise - x) + 0.5 * cond + (1 - 2.0 - 0.5) * unguided)
     torch.testing.assert_close(out.u, model(out.z, t, t, labels, augment_labels=aug))
 
 
