@@ -272,7 +272,7 @@ def test_guided_velocity_formula_and_dropped_labels_use_plain_velocity():
     torch.testing.assert_close(out.target, out.v - (d.t - d.r)[:, None] * dudt, rtol=1e-7, atol=1e-8)
 
 
-@pytest.mark.parametrize("kappa", [0.5, 1.0])
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 1.0])
 def test_guided_field_with_kappa_is_combined_in_float32_under_bf16_autocast(kappa):
     torch.manual_seed(0)
     net = create("mlp", dim=3, width=32, depth=2, num_classes=4)
@@ -295,6 +295,17 @@ def test_guidance_interval_limits_where_guidance_applies():
     assert outside.any() and (~outside).any()
     torch.testing.assert_close(out.v[outside], (out.draws.noise - x)[outside])
     assert not torch.allclose(out.v[~outside], (out.draws.noise - x)[~outside])
+
+
+def test_guidance_interval_is_closed():
+    torch.manual_seed(0)
+    net = TanhNet(num_classes=4).double()
+    z, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    t, labels = torch.tensor([0.3, 0.6, 0.2, 0.7], dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    v_g = FlowMatchingLoss(omega=3.0, t_start=0.3, t_end=0.6).guided_velocity(net, z, t, v, labels)
+    guided = 3.0 * v + (1 - 3.0) * net(z, t, t, torch.full_like(labels, 4))
+    torch.testing.assert_close(v_g[:2], guided[:2])  # t = t_start and t = t_end are inside
+    torch.testing.assert_close(v_g[2:], v[2:])
 
 
 @pytest.mark.parametrize(
@@ -321,5 +332,5 @@ def test_label_errors(net):
     cond = TanhNet(num_classes=3).double()
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         MeanFlowLoss()(cond, x, torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(ValueError, match="class-conditional"):
+    with pytest.raises(ValueError, match=r"^guidance \(omega != 1 or kappa != 0\) needs a class-conditional model$"):
         MeanFlowLoss(omega=2.0)(net, x)
