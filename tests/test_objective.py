@@ -330,7 +330,19 @@ def test_label_errors(net):
     with pytest.raises(ValueError, match=r"^labels were given but the model is unconditional \(num_classes = 0\)$"):
         MeanFlowLoss()(net, x, torch.zeros(4, dtype=torch.long))
     cond = TanhNet(num_classes=3).double()
+    with pytest.raises(ValueError, match=r"^labels must have shape \(4,\), got \(4, 1\)$"):
+        MeanFlowLoss()(cond, x, torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         MeanFlowLoss()(cond, x, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"^guidance \(omega != 1 or kappa != 0\) needs a class-conditional model$"):
         MeanFlowLoss(omega=2.0)(net, x)
+
+
+def test_a_plain_function_is_an_unconditional_model(net):
+    def plain(z, r, t, labels=None):  # no num_classes attribute: unconditional, never given labels
+        assert labels is None
+        return net(z, r, t)
+
+    x = torch.randn(8, 3, dtype=torch.float64)
+    loss, _ = MeanFlowLoss()(plain, x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, MeanFlowLoss()(net, x, generator=torch.Generator().manual_seed(0))[0])
