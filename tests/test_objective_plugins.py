@@ -59,6 +59,17 @@ def test_shards_draw_the_global_batch_including_drops():
     assert full.dropped.any()
 
 
+def test_a_shard_must_lie_inside_the_global_batch_and_uniforms_are_float64():
+    x = torch.zeros(8, 2)
+    for shard, shown in [(Shard(-1, 16), r"\[-1, 7\)"), (Shard(12, 16), r"\[12, 20\)")]:
+        with pytest.raises(ValueError, match=r"^shard " + shown + " lies outside a global batch of 16$"):
+            objectives.BatchRandom(x, torch.Generator().manual_seed(0), shard)
+    rand = objectives.BatchRandom(x, torch.Generator().manual_seed(0), Shard(8, 16))
+    u = rand.uniform()
+    assert u.dtype == torch.float64 and u.shape == (8,)
+    torch.testing.assert_close(u, torch.rand(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)[8:], rtol=0, atol=0)
+
+
 def test_objectives_are_registered_plug_ins_with_their_own_options():
     assert {"meanflow", "flow_matching"} <= set(objectives.available())
     assert not issubclass(FlowMatchingLoss, MeanFlowLoss)
