@@ -99,6 +99,8 @@ def test_stats_are_the_errors_of_each_kind_of_row(net, ratio):
     expected = {"loss": loss, "mse": per_dim.mean(), "mse_fm": per_dim[~mf].mean(), "mse_mf": per_dim[mf].mean(),
                 "dudt_abs": out.dudt.abs()[mf].mean(), "frac_jvp": torch.tensor(ratio)}  # empty means are nan
     assert list(stats) == list(expected)
+    assert out.draws.jvp_index.dtype == out.draws.fm_index.dtype == torch.long  # also when empty
+    assert out.draws.noise.dtype == torch.float64 and (out.draws.noise.float().double() != out.draws.noise).any()
     for key, value in expected.items():
         torch.testing.assert_close(torch.tensor(stats[key], dtype=torch.float64), value.double(), equal_nan=True, msg=key)
 
