@@ -148,6 +148,9 @@ def test_under_bf16_autocast_the_guided_target_is_combined_in_float32():
         v_u = net(out.z, d.t, d.t, torch.full_like(y, 3), omega=one, t_min=zero, t_max=one, return_v=True)[1]
     assert v_c.dtype == torch.bfloat16 and out.tangent.dtype == out.target.dtype == torch.float32
     assert out.u.dtype == out.v_head.dtype == out.dudt.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # unconditional: the tangent is the v-head's output in float32
+        plain = IMFLoss().targets(TwoHeadNet(num_classes=0), x, None, torch.Generator().manual_seed(3))
+    assert plain.tangent.dtype == torch.float32
     v_g = (d.noise - x).double() + (1 - 1 / w.double())[:, None] * (v_c.double() - v_u.double())
     torch.testing.assert_close(out.target.double(), v_g, rtol=1e-6, atol=1e-6)
 
@@ -257,7 +260,8 @@ def test_registered_with_the_official_defaults():
     assert from_dict({"objective": {"kind": "imf"}}).objective.resolved() == loss_fn.options
 
 
-def test_further_model_inputs_reach_every_call_row_by_row():
+@pytest.mark.parametrize("num_classes", [3, 0])
+def test_further_model_inputs_reach_every_call_row_by_row(num_classes):
     seen = []
 
     class WithAugment(TwoHeadNet):
@@ -266,9 +270,10 @@ def test_further_model_inputs_reach_every_call_row_by_row():
             return super().forward(z, r, t, labels, **kw)
 
     torch.manual_seed(0)
-    model, x, y = WithAugment().double(), torch.randn(8, 3, **f64), torch.zeros(8, dtype=torch.long)
+    model, x = WithAugment(num_classes=num_classes).double(), torch.randn(8, 3, **f64)
+    y = torch.zeros(8, dtype=torch.long) if num_classes else None
     loss_fn = IMFLoss(jvp="forward_ad")
     d = loss_fn.draw(x, torch.Generator().manual_seed(0))
     z = (1 - d.t)[:, None] * x + d.t[:, None] * d.noise
     loss_fn.targets(model, x, y, torch.Generator().manual_seed(0), cond={"augment": z})
-    assert seen == [True, True, True]  # guidance (z and augment both doubled), JVP rows, plain rows
+    assert seen == [True, True, True]  # guidance (z and augment both doubled when conditional), JVP rows, plain rows
