@@ -154,6 +154,7 @@ def test_fixed_jvp_count_and_shards_reassemble_global_batch():
     loss_fn = MeanFlowLoss(ratio=0.25)
     full = loss_fn.draw(x, torch.Generator().manual_seed(2))
     half = loss_fn.draw(x[32:], torch.Generator().manual_seed(2), Shard(32, 64))
+    assert full.jvp_rows.tolist() == mask and half.jvp_rows.tolist() == mask[32:]  # r != t rows placed by jvp_mask
     torch.testing.assert_close(full.noise[32:], half.noise)
     torch.testing.assert_close(full.r[32:], half.r)
     torch.testing.assert_close(full.t[32:], half.t)
@@ -325,6 +326,7 @@ def test_guidance_interval_is_closed():
 def test_invalid_options_are_named(options, words):
     with pytest.raises(ValueError, match=words):
         MeanFlowLoss(**options)
+    assert MeanFlowLoss(t_start=0.5, t_end=0.5).t_end == 0.5  # an interval of one point is allowed
 
 
 def test_label_errors(net):

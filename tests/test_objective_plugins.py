@@ -91,11 +91,19 @@ def test_a_user_objective_registers_by_kind_with_its_options(monkeypatch):
         kind = "halved"
         scale = Option(0.5, above=0.0, doc="a factor")
 
+        def targets(self, model, x, labels=None, generator=None, *, shard=None):
+            return x
+
+        def reduce(self, out):
+            return self.scale * out.sum(), {}  # no statistics
+
     assert base.register(Halved) is Halved
     assert objectives.get("halved") is Halved and "halved" in objectives.available() and "halved" in opts.kinds("objective")
     made = objectives.create("halved", scale=2.0)
     assert isinstance(made, Halved) and made.scale == 2.0 and made.weight_eps == 1e-3
     assert repr(made) == "Halved(weight_power=1.0, weight_eps=0.001, scale=2.0)"
+    loss, stats = made(None, torch.ones(3, 2))
+    assert float(loss) == 12.0 and stats == {}
 
     class Nameless(base.Objective):
         pass
