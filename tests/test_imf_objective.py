@@ -147,7 +147,11 @@ def test_under_bf16_autocast_the_guided_target_is_combined_in_float32():
         v_c = net(out.z, d.t, d.t, y, omega=w, t_min=zero, t_max=one, return_v=True)[1]
         v_u = net(out.z, d.t, d.t, torch.full_like(y, 3), omega=one, t_min=zero, t_max=one, return_v=True)[1]
     assert v_c.dtype == torch.bfloat16 and out.tangent.dtype == out.target.dtype == torch.float32
-    assert out.u.dtype == out.v_head.dtype == out.dudt.dtype == torch.float32
+    torch.manual_seed(0)
+    dit = create("imf-tiny/2", in_channels=2, input_size=4, num_classes=3)  # its heads give bf16 under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        heads = IMFLoss(jvp="forward_ad").targets(dit, torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(3))
+    assert heads.u.dtype == heads.v_head.dtype == heads.dudt.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):  # unconditional: the tangent is the v-head's output in float32
         plain = IMFLoss().targets(TwoHeadNet(num_classes=0), x, None, torch.Generator().manual_seed(3))
     assert plain.tangent.dtype == torch.float32
