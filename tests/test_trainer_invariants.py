@@ -72,6 +72,24 @@ def test_ema_follows_its_formula_for_every_decay(tmp_path):
                 torch.testing.assert_close(after[key].double(), expected, rtol=0, atol=1e-6)
 
 
+def test_previews_sample_from_an_eval_copy_holding_the_first_ema(tmp_path):
+    from meanflow.training.hooks import Hooks
+
+    seen = []
+
+    class Recorder(Hooks):
+        def at_evaluation(self, step, model, data):
+            seen.append((step, model.training, {k: v.clone() for k, v in model.state_dict().items()}))
+
+    run = tmp_path / "run"
+    train(_cfg(tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.sample_every=2", "train.ema_decays=[0.9, 0.6]"),
+          run, hooks=[Recorder()])
+    assert [step for step, _, _ in seen] == [2, 4]
+    for step, training, state in seen:
+        assert not training and (run / "samples" / f"step_{step:08d}.png").stat().st_size > 0
+        _assert_equal(state, _weights(run, step, "ema.safetensors"))
+
+
 # ---- resume ---------------------------------------------------------------------------------------
 
 RESUME = ("train.warmup_steps=5", "model.kwargs.dropout=0.1", "objective.label_drop=0.2", "train.precision=bf16",
