@@ -66,6 +66,7 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
 
 
+PARALLEL_MODES = ("ddp", "fsdp")  # train.parallel: see meanflow.runtime.distributed
 LATENT_NORMALISATIONS = ("vae", "imf")  # data.latent_norm: see meanflow.data.latents
 
 
@@ -133,6 +134,9 @@ class TrainConfig:
     ema_decays: list = field(default_factory=lambda: [0.999])
     precision: str = setting("fp32", choices=("fp32", "bf16"))
     compile: bool = False
+    parallel: str = setting("ddp", choices=PARALLEL_MODES,
+                            doc="several processes: ddp (replicated weights) or fsdp (FSDP2: parameters, gradients and "
+                                "optimizer state sharded; one-forward losses, no compile)")
     log_every: int = setting(50, low=0, doc="0 = no log lines")
     sample_every: int = setting(0, low=0, doc="steps between previews and evaluation hooks; 0 = never")
     checkpoint_every: int = setting(1000, low=0)

@@ -13,10 +13,16 @@ Gradients are averaged over ranks in one of two ways (:func:`data_parallel` pick
 
 :func:`check_in_sync` verifies that the parameters agree on every rank (at the first step and
 on demand) either way.
+
+With ``train.parallel=fsdp`` (one-forward losses only) :func:`shard_model` applies FSDP2
+(``fully_shard``) instead: parameters, gradients and optimizer state are DTensors sharded over the
+ranks, and :func:`full_tensor` / :func:`shard_like` convert between them and the full tensors that
+checkpoints hold.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +97,54 @@ def data_parallel(model: nn.Module, info: DistInfo, jvp_mode: str | None, compil
     return DistributedDataParallel(model, device_ids=devices, forward_sync_buffers=False)
 
 
+def shard_model(model: nn.Module) -> None:
+    """FSDP2 in place: ``fully_shard`` every child block of each ``nn.ModuleList`` (innermost first), then
+    the root, which holds the remaining parameters (a model without ModuleLists is sharded as one unit).
+
+    Each block's parameters are all-gathered just before its forward and backward and freed after,
+    and its gradients are reduce-scattered (averaged over ranks) during the backward pass.
+    """
+    from torch.distributed.fsdp import fully_shard  # imported here: torch.distributed.tensor takes ~1 s to import
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for module_list in reversed(lists):
+        for block in module_list:
+            fully_shard(block)
+    fully_shard(model)
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor, without importing ``torch.distributed.tensor`` (~1 s) when nothing
+    has imported it yet (then no DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are DTensors (FSDP2, :func:`shard_model`)."""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank for a DTensor (a collective: call it on all ranks), else itself."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (every rank holds the same values) laid out like ``like``: this rank's shard as a DTensor
+    with ``like``'s mesh and placements when ``like`` is one (no communication), else ``full`` itself."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: the local shard of a DTensor (aliasing it), else the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
     """Average every parameter's gradient over all ranks (one flat buffer, one collective).
 
@@ -118,8 +172,12 @@ def parameter_checksum(model: nn.Module) -> torch.Tensor:
 
 
 def check_in_sync(model: nn.Module, info: DistInfo, step: int) -> None:
-    """Raise RuntimeError when the parameters differ between ranks (bitwise checksum comparison)."""
-    if not info.enabled:
+    """Raise RuntimeError when the parameters differ between ranks (bitwise checksum comparison).
+
+    Skipped for a sharded model (:func:`shard_model`): each parameter element is stored on one rank
+    only, so there are no replicas that could drift apart.
+    """
+    if not info.enabled or is_sharded(model):
         return
     local = parameter_checksum(model)
     gathered = [torch.empty_like(local) for _ in range(info.world_size)]

@@ -2,7 +2,7 @@
 
 One step: take this rank's shard of the global batch, draw all randomness from generators seeded
 by (seed, step) for the whole global batch (dropout masks inside the model too, per global sample:
-:mod:`meanflow.runtime.per_sample`), compute the loss, backpropagate, average gradients over ranks (DDP or explicitly), and update
+:mod:`meanflow.runtime.per_sample`), compute the loss, backpropagate, average gradients over ranks (DDP, FSDP2 or explicitly), and update
 the weights and the EMA unless the loss or gradient norm is non-finite, decided on the device
 (:mod:`meanflow.training.guard`). Statistics stay on the device and are read by the host only on
 logging steps and checkpoints (one copy each). Checkpoints are atomic and carry everything needed to
@@ -11,7 +11,6 @@ continue bit-for-bit.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import signal
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dat
 def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hooks: tuple[Hooks, ...]) -> Path:
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
+    fsdp = _fsdp(cfg, info)
     _prepare_out(out, info, resume)
     train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
     augment = _augmenter(cfg, train_set)
@@ -82,6 +82,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     if cfg.init.path and not resume:
         _initialise(model, cfg.init, print if info.is_main else None)
     model = model.to(info.device)
+    if fsdp:
+        D.shard_model(model)
     stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema_decays)
@@ -95,7 +97,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     batches = step_batches(train_set, order, state.step, cfg.train.steps, info.rank, info.world_size,
                            cfg.train.num_workers, pin_memory=info.device.type == "cuda")
     local = cfg.train.batch_size // info.world_size
-    ddp = D.data_parallel(model, info, cfg.objective.resolved().get("jvp"), compiled=cfg.train.compile)
+    ddp = None if fsdp else D.data_parallel(model, info, cfg.objective.resolved().get("jvp"), compiled=cfg.train.compile)
     forward = ddp or _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
     diagnostics, window = Diagnostics(), StatsWindow()
@@ -117,7 +119,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             diagnostics.update(targets, getattr(loss_fn, "weighted", _unweighted))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if ddp is None:
+            if ddp is None and not fsdp:
                 D.all_reduce_gradients(model, info.world_size)
             keys, values = _step_values({**stats, "grad_norm": _grad_norm(model, cfg.train.grad_clip)}, info)
             state.step += 1
@@ -135,10 +137,13 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             step_stats = StepStats({**dict(zip(keys, values)), "lr": lr, "bad_steps": guard.counters[0]})
             for hook in hooks:
                 hook.after_step(state.step, step_stats, model)
-            if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
-                net = _write_samples(model, ema, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
-                for hook in hooks:
-                    hook.at_evaluation(state.step, net, train_set)
+            if cfg.train.sample_every and state.step % cfg.train.sample_every == 0:
+                weights = _full_state(ema.state_dict(0))  # every rank: gathers the shards when sharded
+                if info.is_main:
+                    net = ema_model(spec, weights, info.device)
+                    _write_samples(net, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
+                    for hook in hooks:
+                        hook.at_evaluation(state.step, net, train_set)
             if save_now:
                 path = _save(out, model, optimizer, ema, state, meta, cfg, info)
                 for hook in hooks:
@@ -150,6 +155,21 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
         logger.close()
         stop.restore()
     return out
+
+
+def _fsdp(cfg: Config, info: D.DistInfo) -> bool:
+    """Whether to shard the model with FSDP2 (``train.parallel=fsdp`` with several processes); ConfigError
+    when the configuration cannot run under it (whatever the number of processes)."""
+    if cfg.train.parallel != "fsdp":
+        return False
+    jvp = cfg.objective.resolved().get("jvp")
+    if cfg.train.compile or (jvp is not None and jvp not in D.ONE_FORWARD_JVP_MODES):
+        raise ConfigError(
+            f"train.parallel=fsdp needs a loss that runs the model's forward once with gradients, without compile "
+            f"(objective.jvp={jvp}, train.compile={cfg.train.compile}); set objective.jvp to one of "
+            f"{', '.join(D.ONE_FORWARD_JVP_MODES)} and train.compile=false, or use train.parallel=ddp"
+        )
+    return info.enabled
 
 
 def _prepare_out(out: Path, info: D.DistInfo, resume: bool) -> None:
@@ -215,11 +235,15 @@ def _batch(x: torch.Tensor, labels: torch.Tensor | None, step: int, info: D.Dist
 
 
 def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
-    """The global gradient norm (0-d, on the device), after clipping the gradients to ``clip`` when > 0."""
+    """The global gradient norm (0-d, on the device; of the whole gradients when they are sharded), after
+    clipping the gradients to ``clip`` when > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return D.local(next(model.parameters())).new_zeros(())
+    norm = D.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
     if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else next(model.parameters()).new_zeros(())
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
 
 
 def _step_values(stats: dict[str, torch.Tensor | float], info: D.DistInfo) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -250,14 +274,17 @@ def _unweighted(d: torch.Tensor) -> torch.Tensor:
 
 
 def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config, info: D.DistInfo) -> Path | None:
+    """Write a checkpoint of full (unsharded) state dicts from rank 0; every rank takes part (gathers shards)."""
     path = None
+    weights = {"model.safetensors": _full_state(model.state_dict())}
+    for i, decay in enumerate(ema.decays):
+        weights[EMA.file_name(i, decay)] = _full_state(ema.state_dict(i))
+    optimizer_state = _full_optimizer_state(optimizer)
     if info.is_main:
-        files = {"model.safetensors": model.state_dict()}
-        for i, decay in enumerate(ema.decays):
-            files[EMA.file_name(i, decay)] = ema.state_dict(i)
+        files = dict(weights)
         files["trainer_state.pt"] = {
             "step": state.step, "bad_steps": state.bad_steps, "consecutive_bad": state.consecutive_bad,
-            "optimizer": optimizer.state_dict(), **rng_states(),
+            "optimizer": optimizer_state, **rng_states(),
         }
         files["meta.json"] = {**meta, "step": state.step}
         files["config.yaml"] = (out / "config.yaml").read_text()
@@ -279,7 +306,7 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
     for i, decay in enumerate(ema.decays):
         ema.load_state_dict(i, ckpt.read_weights(path / EMA.file_name(i, decay)))
     saved = ckpt.read_state(path)
-    load_optimizer_state(optimizer, saved["optimizer"])
+    load_optimizer_state(optimizer, _sharded_optimizer_state(optimizer, saved["optimizer"]))
     restore_rng_states(saved)
     if report:
         report(f"resuming from {path} (step {saved['step']})")
@@ -287,10 +314,41 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
 
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the full state dict ``weights`` into ``model``, into this rank's shards when it is sharded."""
     try:
-        model.load_state_dict(weights)
+        if D.is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # ~1 s import, FSDP only
+
+            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(weights)
     except RuntimeError as err:
         raise RuntimeError(f"weights in {path} do not match the model (different model config?): {err}") from err
+
+
+def _full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every DTensor gathered into its full tensor (a collective: call it on all ranks)."""
+    return {k: D.full_tensor(v) for k, v in state.items()}
+
+
+def _full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with full tensors (the layout of an unsharded optimizer; call it on all ranks)."""
+    state = optimizer.state_dict()
+    return {**state, "state": {i: _full_state(values) for i, values in state["state"].items()}}
+
+
+def _sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A saved (full) optimizer state dict with each per-parameter tensor laid out like its parameter."""
+    params = dict(enumerate(p for group in optimizer.param_groups for p in group["params"]))
+    return {**state, "state": {i: {k: _layout(v, params.get(i)) if k != "step" else v for k, v in values.items()}
+                               for i, values in state["state"].items()}}
+
+
+def _layout(value: Any, param: torch.Tensor | None) -> Any:
+    """``value`` sharded like ``param`` when it is a tensor of the parameter's shape (moments), else as it is."""
+    if param is None or not torch.is_tensor(value) or value.shape != param.shape:
+        return value
+    return D.shard_like(value, param)
 
 
 def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
@@ -302,19 +360,20 @@ def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
     }
 
 
-def _write_samples(model: nn.Module, ema: EMA, data: Dataset, cfg: Config, stem: Path, device) -> nn.Module:
-    """``stem``.png: samples from the EMA weights at 1 NFE, 2 NFE and with the ODE, side by side; returns that EMA model."""
-    net = ema_model(model, ema)
+def _write_samples(net: nn.Module, data: Dataset, cfg: Config, stem: Path, device) -> None:
+    """``stem``.png: samples from ``net`` (the EMA model) at 1 NFE, 2 NFE and with the ODE, side by side."""
     save_preview(net, data, stem.with_suffix(".png"), seed=cfg.seed, device=device,
                  plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps))
-    return net
 
 
-def ema_model(model: nn.Module, ema: EMA, index: int = 0) -> nn.Module:
-    """An eval-mode copy of ``model`` holding EMA weights."""
-    net = copy.deepcopy(model).eval()
-    net.load_state_dict({k: v.to(next(model.parameters()).dtype) for k, v in ema.state_dict(index).items()})
-    return net
+def ema_model(spec: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """An eval-mode model of ``spec`` on ``device`` holding the full EMA state dict ``weights`` (float32 shadows
+    cast to the model's dtype); built without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        net = build_model(spec)
+    dtype = next(net.parameters()).dtype
+    net.load_state_dict({k: v.to(dtype) for k, v in weights.items()})
+    return net.to(device).eval()
 
 
 def _autocast(cfg: Config, device: torch.device):
