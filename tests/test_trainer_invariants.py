@@ -90,17 +90,36 @@ def test_previews_sample_from_an_eval_copy_holding_the_first_ema(tmp_path):
         _assert_equal(state, _weights(run, step, "ema.safetensors"))
 
 
+def test_a_signal_saves_a_checkpoint_at_the_end_of_the_next_step_and_stops(tmp_path):
+    import os
+    import signal
+
+    from meanflow.training.hooks import Hooks
+
+    class Interrupt(Hooks):
+        def after_step(self, step, stats, model):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before, run = signal.getsignal(signal.SIGTERM), tmp_path / "run"
+    train(_cfg(tmp_path, "train.steps=10", "train.checkpoint_every=0"), run, hooks=[Interrupt()])
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [ckpt.checkpoint_name(3)]  # seen at step 3's end
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 # ---- resume ---------------------------------------------------------------------------------------
 
 RESUME = ("train.warmup_steps=5", "model.kwargs.dropout=0.1", "objective.label_drop=0.2", "train.precision=bf16",
           "train.ema_decays=[0.9]", "train.checkpoint_every=3")
 
 
-def test_resume_with_warmup_dropout_labels_bf16_is_bit_identical(tmp_path):
+def test_resume_with_warmup_dropout_labels_bf16_is_bit_identical(tmp_path, capsys):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     train(_cfg(tmp_path, *RESUME, "train.steps=8"), full)
     train(_cfg(tmp_path, *RESUME, "train.steps=3"), stopped)
+    capsys.readouterr()
     train(_cfg(tmp_path, *RESUME, "train.steps=8"), stopped, resume=True)
+    assert f"resuming from {stopped / 'checkpoints' / ckpt.checkpoint_name(3)} (step 3)" in capsys.readouterr().out
     for name in ("model.safetensors", "ema.safetensors"):
         _assert_equal(_weights(full, 8, name), _weights(stopped, 8, name))
     a, b = _state(full, 8), _state(stopped, 8)
