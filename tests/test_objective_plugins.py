@@ -1,6 +1,8 @@
 """Objectives as plug-ins: the draws layer (label drops, shards), the JVP layer, options declared once."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -142,6 +144,31 @@ def test_jvp_layer_takes_tangents_on_z_t_and_r_for_a_row_subset(mode):
     ref = _fd(net, z[rows], r[rows], t[rows], dz, torch.full((3,), dr, dtype=torch.float64), dt)
     torch.testing.assert_close(out.du, ref, rtol=1e-7, atol=1e-9)
     assert out.u.requires_grad and not out.du.requires_grad and out.v is None
+
+
+def test_a_new_jvp_mode_is_one_register_mode_call(monkeypatch):
+    layer = importlib.import_module("meanflow.autodiff.jvp")  # the module (the package exports the function jvp)
+    monkeypatch.setattr(layer, "MODES", dict(layer.MODES))
+    monkeypatch.setattr(layer, "AUTO_ORDER", list(layer.AUTO_ORDER))
+    before, calls = list(layer.AUTO_ORDER), []
+
+    def run(call, rows, tangent):
+        calls.append(rows.tolist())
+        return layer.MODES["full"].run(call, rows, tangent)
+
+    layer.register_mode(layer.JVPMode("mine", run, lambda call, tangent: None), auto_before="rows")
+    at = before.index("rows")
+    assert layer.AUTO_ORDER == [*before[:at], "mine", *before[at:]] and layer.mode_names()[-1] == "mine"
+    torch.manual_seed(0)
+    net, z = TanhNet().double(), torch.randn(5, 3, dtype=torch.float64)
+    r, t, rows, dz = torch.full((5,), 0.2, dtype=torch.float64), torch.full((5,), 0.7, dtype=torch.float64), torch.tensor([3, 0]), torch.randn(2, 3, dtype=torch.float64)
+    out = jvp(net, z, r, t, None, rows, Tangent(z=dz))  # auto: dual cannot run a plain module, "mine" comes next
+    assert calls == [[3, 0]]
+    torch.testing.assert_close(out.du, jvp(net, z, r, t, None, rows, Tangent(z=dz), mode="forward_ad").du, rtol=1e-10, atol=1e-12)
+    layer.register_mode(layer.JVPMode("mine", run, lambda call, tangent: None), auto=False)  # again: out of "auto"
+    assert layer.AUTO_ORDER == before and "mine" in layer.mode_names()
+    layer.register_mode(layer.JVPMode("last", run, lambda call, tangent: None))
+    assert layer.AUTO_ORDER == [*before, "last"]
 
 
 def test_dual_mode_takes_no_r_tangent_and_auto_falls_back():

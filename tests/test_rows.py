@@ -136,6 +136,15 @@ def test_ops_that_mix_rows_raise_naming_the_op(name):
         row_jvp(MIXING[name], (x,), (rand(N, 4, seed=1),))
 
 
+def test_the_mixing_error_says_why_and_what_to_do():
+    with pytest.raises(RowMixingError) as err:
+        row_jvp(MIXING["cumsum"], (rand(B, 4),), (rand(N, 4, seed=1),))
+    assert str(err.value) == (
+        "cumsum() acts along dimension 0, the batch dimension: it acts along the batch dimension, so one sample's output "
+        "would depend on other samples'. The one-pass row tangent follows only ops that treat each sample on its own; "
+        "keep this op off the batch dimension (or use the 'forward_ad' / 'full' JVP modes).")
+
+
 def test_dropout_shares_its_mask_and_leaves_the_generator_as_a_plain_call():
     x, dx = rand(B, 300) + 3.0, rand(N, 300, seed=1)
     torch.manual_seed(0)
