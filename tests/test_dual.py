@@ -88,6 +88,14 @@ def test_shape_ops_keep_the_batch_dimension():
         Dual(rand(B, 4), rand(B + 1, 4))
 
 
+def test_permute_keeps_the_batch_first_also_written_negatively():
+    d = Dual(torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64))
+    out = d.permute(-3, 2, 1)
+    assert torch.equal(out.primal, d.primal.permute(0, 2, 1)) and torch.equal(out.tangent, d.tangent.permute(0, 2, 1))
+    with pytest.raises(ValueError, match=r"permuting a Dual must keep the batch dimension first, got \(1, 0, 2\)"):
+        d.permute(1, 0, 2)
+
+
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_attention(backend):
     """The primal goes through the backend; the tangent reuses math attention's probabilities or recomputes them."""
