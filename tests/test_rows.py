@@ -145,6 +145,14 @@ def test_the_mixing_error_says_why_and_what_to_do():
         "keep this op off the batch dimension (or use the 'forward_ad' / 'full' JVP modes).")
 
 
+def test_dims_given_by_position_or_empty():
+    x, dx = rand(B, 4), rand(N, 4, seed=1)
+    out, tangent = row_jvp(lambda a: torch.roll(a, 1, 1), (x,), (dx,))  # dims as roll's third positional argument
+    assert torch.equal(out, torch.roll(x, 1, 1)) and torch.equal(tangent, torch.roll(dx, 1, 1))
+    with pytest.raises(RowMixingError, match=r"^sum\(\) acts along"):  # dim=() reduces every dimension, the batch too
+        row_jvp(lambda a: a - a.sum(dim=()), (x,), (dx,))
+
+
 def test_dropout_shares_its_mask_and_leaves_the_generator_as_a_plain_call():
     x, dx = rand(B, 300) + 3.0, rand(N, 300, seed=1)
     torch.manual_seed(0)
