@@ -76,6 +76,9 @@ OPS = {
     "sdpa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (B, 2, 5, 4), (B, 2, 6, 4), (B, 2, 6, 3)),
     "sdpa_causal_scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), (B, 2, 5, 4), (B, 2, 5, 4), (B, 2, 5, 4)),
     "sdpa_gqa_plain_kv": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (B, 2, 5, 4)),
+    "sdpa_gqa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (B, 4, 5, 4), (B, 2, 6, 4), (B, 2, 6, 3)),
+    "einsum_plain_batch_operand": (lambda a, p: torch.einsum("bij,bj->bi", a, p), (B, 3, 4)),
+    "matmul_plain_batch_operand": (lambda a, p: a @ p, (B, 2, 3)),
 }
 
 
@@ -84,7 +87,8 @@ OPS = {
 def test_ops_match_forward_mode_ad(name, rows):
     fn, *shapes = OPS[name]
     plain = {"broadcast_plain_operands": (rand(B, 1, 6, seed=40),),
-             "sdpa_gqa_plain_kv": (rand(B, 1, 6, 4, seed=30), rand(B, 1, 6, 4, seed=31))}.get(name, ())
+             "sdpa_gqa_plain_kv": (rand(B, 1, 6, 4, seed=30), rand(B, 1, 6, 4, seed=31)),
+             "einsum_plain_batch_operand": (rand(B, 4, seed=41),), "matmul_plain_batch_operand": (rand(B, 3, 6, seed=42),)}.get(name, ())
     check_fn(fn, *shapes, rows=rows, plain=plain)
 
 
