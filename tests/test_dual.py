@@ -94,6 +94,8 @@ def test_permute_keeps_the_batch_first_also_written_negatively():
     assert torch.equal(out.primal, d.primal.permute(0, 2, 1)) and torch.equal(out.tangent, d.tangent.permute(0, 2, 1))
     with pytest.raises(ValueError, match=r"permuting a Dual must keep the batch dimension first, got \(1, 0, 2\)"):
         d.permute(1, 0, 2)
+    flat = d.flatten()  # by default everything after the batch dimension
+    assert torch.equal(flat.primal, d.primal.flatten(1)) and torch.equal(flat.tangent, d.tangent.flatten(1))
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
