@@ -88,6 +88,7 @@ def test_previews_sample_from_an_eval_copy_holding_the_first_ema(tmp_path):
     meta = json.loads((run / "checkpoints" / ckpt.checkpoint_name(4) / "meta.json").read_text())
     resolved = load_config(run / "config.yaml").objective.resolved()  # the run's guidance options, kept for sampling
     assert meta["guidance"] == {k: resolved[k] for k in ("omega", "kappa", "t_start", "t_end", "label_drop")}
+    assert meta["format"] == 1 and meta["objective"] == "meanflow" and meta["step"] == 4
     for step, training, state in seen:
         assert not training and (run / "samples" / f"step_{step:08d}.png").stat().st_size > 0
         _assert_equal(state, _weights(run, step, "ema.safetensors"))
