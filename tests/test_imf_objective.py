@@ -159,6 +159,23 @@ def test_under_bf16_autocast_the_guided_target_is_combined_in_float32():
     torch.testing.assert_close(out.target.double(), v_g, rtol=1e-6, atol=1e-6)
 
 
+def test_the_one_pass_dual_path_runs_under_bf16_autocast_and_agrees_with_forward_ad():
+    """The attention tangent's in-place sums take bf16 products under autocast (they crashed on mixed dtypes)."""
+    torch.manual_seed(0)
+    dit = create("imf-tiny/2", in_channels=2, input_size=4, num_classes=3)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0])
+    got = {}
+    for mode in ("dual", "forward_ad"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[mode] = IMFLoss(jvp=mode).targets(dit, x, y, torch.Generator().manual_seed(3))
+    assert got["dual"].dudt.dtype == torch.float32 and got["dual"].dudt.abs().max() > 0
+    torch.testing.assert_close(got["dual"].dudt, got["forward_ad"].dudt, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got["dual"].u, got["forward_ad"].u, rtol=0.02, atol=0.02)
+
+
 def test_draws_follow_the_official_distributions():
     d = IMFLoss().draw(torch.zeros(4000, 2), torch.Generator().manual_seed(0))
     c, fm, mf = d.conditioning, d.fm_index, d.jvp_index

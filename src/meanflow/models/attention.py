@@ -168,9 +168,11 @@ def attention_tangent(
     with torch.no_grad():
         p = torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) if probs is None else probs  # (n, heads, N, N)
         k_t, dk_t = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)  # (n heads, d, N)
-        ds = torch.bmm(flat(dq), k_t).baddbmm_(flat(q), dk_t)  # (n heads, N, N), unscaled
+        ds = torch.bmm(flat(dq), k_t)  # (n heads, N, N), unscaled; bf16 under autocast, which the in-place sum is not
+        ds.baddbmm_(flat(q).to(ds.dtype), dk_t.to(ds.dtype))
         dp = torch._softmax_backward_data(ds.to(p.dtype), flat(p), -1, p.dtype).to(v.dtype)  # (n heads, N, N)
-        out = torch.bmm(dp, flat(v)).baddbmm_(flat(p).to(dv.dtype), flat(dv), alpha=d**0.5).mul_(d**-0.5)  # (n heads, N, d)
+        out = torch.bmm(dp, flat(v))  # (n heads, N, d)
+        out.baddbmm_(flat(p).to(out.dtype), flat(dv).to(out.dtype), alpha=d**0.5).mul_(d**-0.5)
         return out.reshape(n, heads, tokens, d)
 
 
