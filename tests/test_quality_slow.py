@@ -24,7 +24,8 @@ def test_toy_meanflow_one_step_quality(tmp_path):
     assert main(["train", "--out", str(run), "train.device=cpu"]) == 0
     results = _metrics(run)
     one_step = results["meanflow_1nfe"]
-    assert one_step["sliced_w2"] < 0.2 and one_step["energy_distance"] < 0.17, one_step  # documented: 0.145, 0.119
+    # documented: 0.079, 0.057 (seed 0); the former recipe (p = 1, EMA 0.999) gave 0.127-0.145 and 0.119, which fails here
+    assert one_step["sliced_w2"] < 0.12 and one_step["energy_distance"] < 0.09, one_step
     assert one_step["sliced_w2"] < 5 * results["data_floor"]["sliced_w2"]
 
 
