@@ -63,7 +63,8 @@ def test_eval_split_over_two_processes_matches_one(digits_run, tmp_path):
     subprocess.run([sys.executable, "-m", "meanflow", *args, "--out", str(tmp_path / "one.json")], check=True, env=env, capture_output=True)
     # "--" stops torchrun's parser from reading --run / --num as abbreviations of its own options
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "meanflow", "--"]
-    subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two.json")], check=True, env=env, capture_output=True)
+    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two.json")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["processes"] == 2 and one["processes"] == 1
     a, b = one["results"]["meanflow_1nfe"], two["results"]["meanflow_1nfe"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..evaluation import evaluate_run
+from ..runtime import distributed as D
 from ..runtime.distributed import process_rank
 from ..sampling import METHODS
 
@@ -33,10 +34,14 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
-                           ema=False if args.raw else None, device=args.device, method=args.method, fid_stats=args.fid_stats,
-                           inception_weights=args.inception_weights, batch_size=args.batch_size,
-                           save_samples=args.save_samples, omega=args.omega, interval=args.interval)
+    info = D.setup(args.device)  # under torchrun: the process group, destroyed before exit (a live gloo group can abort the exit)
+    try:
+        metrics = evaluate_run(args.run or args.checkpoint, steps=args.steps, num=args.num, seed=args.seed,
+                               ema=False if args.raw else None, info=info, method=args.method, fid_stats=args.fid_stats,
+                               inception_weights=args.inception_weights, batch_size=args.batch_size,
+                               save_samples=args.save_samples, omega=args.omega, interval=args.interval)
+    finally:
+        D.teardown()
     if process_rank() != 0:
         return 0
     text = json.dumps(metrics, indent=2)
