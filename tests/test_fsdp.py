@@ -67,6 +67,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
             if rank == 0:
                 torch.save(weights, Path(out) / f"fsdp_{mode}_{sharded}.pt")
+        dist.barrier()  # leave together: a rank tearing gloo down while the other still runs can abort at exit
     finally:
         dist.destroy_process_group()
 
@@ -120,6 +121,7 @@ def _trainer_worker(rank: int, world: int, port: int, out: str, overrides: list[
         trainer.train(load_config("toy", [*overrides, "train.steps=6"]), Path(out) / "full")
         trainer.train(load_config("toy", [*overrides, "train.steps=3"]), Path(out) / "stopped")
         trainer.train(load_config("toy", [*overrides, "train.steps=6"]), Path(out) / "stopped", resume=True)
+        dist.barrier()  # leave together (see _worker)
     finally:
         dist.destroy_process_group()
 
