@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import MeanFlowLoss
 from meanflow.autodiff.row_mode import RowTangents
+from meanflow.autodiff.row_rules import heads_merge
 from meanflow.autodiff.rows import RowMixingError, row_jvp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -77,6 +78,8 @@ OPS = {
     "sdpa_causal_scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), (B, 2, 5, 4), (B, 2, 5, 4), (B, 2, 5, 4)),
     "sdpa_gqa_plain_kv": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (B, 2, 5, 4)),
     "sdpa_gqa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (B, 4, 5, 4), (B, 2, 6, 4), (B, 2, 6, 3)),
+    "sdpa_by_head": (lambda x: F.scaled_dot_product_attention(*x.reshape(len(x), 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)), (B, 5, 24)),
+    "sdpa_by_head_gqa_causal": (lambda x, y: F.scaled_dot_product_attention(x.reshape(len(x), 5, 4, 3).transpose(1, 2), *y.reshape(len(y), 6, 2, 2, 3).permute(2, 0, 3, 1, 4).unbind(0), is_causal=True, enable_gqa=True), (B, 5, 12), (B, 6, 12)),
     "einsum_plain_batch_operand": (lambda a, p: torch.einsum("bij,bj->bi", a, p), (B, 3, 4)),
     "matmul_plain_batch_operand": (lambda a, p: a @ p, (B, 2, 3)),
 }
@@ -96,6 +99,16 @@ def test_sdpa_with_a_per_sample_mask():
     mask = torch.rand(B, 1, 5, 6, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[..., 0] = True
     check_fn(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (B, 2, 5, 4), (B, 2, 6, 4), (B, 2, 6, 4), plain=(mask,))
+
+
+def test_sdpa_by_head_with_a_per_head_mask():
+    """Timm-style q, k, v (heads not mergeable with the batch: the tangent goes head by head), mask per sample and head."""
+    mask = torch.rand(B, 2, 5, 5, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[..., 0] = True
+    qkv = lambda x: x.reshape(len(x), 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not heads_merge(qkv(rand(B, 5, 24))[0]) and heads_merge(rand(B, 2, 5, 4))
+    check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 5, 24), plain=(mask,))
+    check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 5, 24), plain=(mask[:1, :1, 0],))
 
 
 def test_in_place_ops_and_assignment():

@@ -671,9 +671,46 @@ def scaled_dot_product_attention(ctx: RowTangents, call: Call) -> Any:
         rows = [ctx.head(x) if ctx.track(x) is not None else aligned_rows(ctx, x, out.ndim, dim, size) for x in (q, k, v)]
         tangents = [t.tangent if (t := ctx.track(x)) is not None else None for x in (q, k, v)]
         mask = aligned_rows(ctx, mask, out.ndim, dim, size)
-        tangent = attention_tangent(*rows, *tangents, mask, causal, scale, gqa)
+        by_head = dim in (0, None) and out.device.type == "cpu" and not all(map(heads_merge, (*rows, *tangents)))
+        tangent = (attention_tangent_by_head if by_head else attention_tangent)(*rows, *tangents, mask, causal, scale, gqa)
     ctx.set(out, tangent, dim)
     return out
+
+
+def heads_merge(x: Tensor | None) -> bool:
+    """Whether a (batch, heads, tokens, features) operand (or None) views as (batch heads, tokens, features) without a copy."""
+    return x is None or x.ndim != 4 or x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def attention_tangent_by_head(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None,
+                              dv: Tensor | None, mask: Tensor | None, causal: bool, scale: float | None,
+                              gqa: bool) -> Tensor:
+    """:func:`attention_tangent` one head at a time, for operands whose heads do not merge with the batch.
+
+    q: (n, heads, L, E), k: (n, kv heads, S, E), v: (n, kv heads, S, Ev), laid out as a timm-style
+    ``qkv.reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)`` leaves them: each head is a strided
+    (n, tokens, features) matrix batch that ``bmm`` reads in place, where the batched form would
+    copy all six operands. Returns (n, heads, L, Ev), token-major in memory (a transpose of
+    (n, L, heads, Ev)), so the usual ``transpose(1, 2).reshape(n, L, heads Ev)`` is a view.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return attention_tangent(q, k, v, dq, dk, dv, mask, causal, scale, gqa)
+    group = q.shape[1] // k.shape[1] if gqa else 1
+    out = None
+    for h in range(q.shape[1]):
+        kv = h // group
+        head = attention_tangent(q[:, h], k[:, kv], v[:, kv], head_of(dq, h), head_of(dk, kv), head_of(dv, kv),
+                                 None if mask is None or mask.ndim < 3 else mask.select(-3, h if mask.shape[-3] > 1 else 0),
+                                 causal, scale, False)
+        if out is None:
+            out = head.new_empty(head.shape[0], head.shape[1], q.shape[1], head.shape[2])
+        out[:, :, h] = head
+    return out.transpose(1, 2)
+
+
+def head_of(x: Tensor | None, h: int) -> Tensor | None:
+    """Head h of a (n, heads, tokens, features) tensor, or None."""
+    return None if x is None else x[:, h]
 
 
 def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
