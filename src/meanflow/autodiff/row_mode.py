@@ -25,26 +25,35 @@ reference to its primal, as the activations of a plain forward are.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 class RowMixingError(RuntimeError):
     """An op of the user's model acts along the batch dimension, so rows would depend on each other."""
 
 
-@dataclass(frozen=True)
-class Track:
+class Track(NamedTuple):
     """The tangent (…, m, …) of ``primal.narrow(dim, 0, m)``; dim is None only when every row is tracked and it is unknown."""
 
     tangent: Tensor
     dim: int | None
+
+
+class _Entry(weakref.ref):
+    """A weak reference to a tracked tensor that drops its table entry (keyed by ``id``) when the tensor dies."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, x: Tensor, callback: Callable[["_Entry"], None]):
+        super().__init__(x, callback)
+        self.key = id(x)
 
 
 @dataclass
@@ -122,8 +131,11 @@ class RowTangents(TorchFunctionMode):
         if not 0 < rows <= batch:
             raise ValueError(f"row tangents need 0 < rows <= batch, got rows={rows}, batch={batch}")
         self.batch, self.rows = batch, rows
-        self.op = "<input>"  # the op being handled, for error messages
-        self._table = WeakIdKeyDictionary()
+        self.op = "<input>"  # the name of the op being handled, for error messages
+        # id(tensor) -> Track of the live tracked tensors, and their weak references that forget them at death:
+        # a dict lookup by id is what every intercepted call pays (a WeakIdKeyDictionary builds a reference per lookup)
+        self._table: dict[int, Track] = {}
+        self._entries: dict[int, _Entry] = {}
         self._snapshots: dict[int, Tensor] = {}
 
     @property
@@ -134,14 +146,18 @@ class RowTangents(TorchFunctionMode):
     # Table --------------------------------------------------------------------------------------
     def track(self, x: Any) -> Track | None:
         """The :class:`Track` of a tensor, or None (no tangent: zero)."""
-        return self._table.get(x) if isinstance(x, Tensor) else None
+        return self._table.get(id(x)) if isinstance(x, Tensor) else None
+
+    def tracked(self) -> int:
+        """How many live tensors carry a tangent."""
+        return len(self._table)
 
     def head(self, x: Tensor) -> Tensor:
         """The tracked rows of x's primal, detached: ``x.narrow(dim, 0, m)`` (its value before an in-place op)."""
         snapshot = self._snapshots.get(id(x))
         if snapshot is not None:
             return snapshot
-        track = self._table[x]
+        track = self._table[id(x)]
         if self.full or track.dim is None:
             return x.detach()
         return x.detach().narrow(track.dim, 0, track.tangent.shape[track.dim])
@@ -153,12 +169,21 @@ class RowTangents(TorchFunctionMode):
         when every row is tracked the sizes agree and the hint is used. Raises
         :class:`RowMixingError` when the shapes say that the op acted along the batch dimension.
         """
+        key = id(out)
         if tangent is None or not (out.is_floating_point() or out.is_complex()):
-            self._table.pop(out, None)
+            self._table.pop(key, None)
+            self._entries.pop(key, None)
             return
         if tangent.dtype != out.dtype:
             tangent = tangent.to(out.dtype)
-        self._table[out] = Track(tangent, self._batch_dim(out, tangent, hint))
+        self._table[key] = Track(tangent, self._batch_dim(out, tangent, hint))
+        if key not in self._entries:
+            self._entries[key] = _Entry(out, self._forget)
+
+    def _forget(self, entry: _Entry) -> None:
+        """Weak-reference callback: a tracked tensor died, its tangent goes with it."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key], self._table[entry.key]
 
     def _batch_dim(self, out: Tensor, tangent: Tensor, hint: int | None) -> int | None:
         if tangent.ndim != out.ndim:
@@ -179,7 +204,7 @@ class RowTangents(TorchFunctionMode):
     def mixing(self, what: str) -> RowMixingError:
         """The error for an op that mixes the rows of the batch."""
         return RowMixingError(
-            f"{self.op} {what}: it acts along the batch dimension, so one sample's output would depend on other "
+            f"{self.op if self.op.startswith('<') else self.op + '()'} {what}: it acts along the batch dimension, so one sample's output would depend on other "
             "samples'. The one-pass row tangent follows only ops that treat each sample on its own; keep this op off "
             "the batch dimension (or use the 'forward_ad' / 'full' JVP modes)."
         )
@@ -202,7 +227,7 @@ class RowTangents(TorchFunctionMode):
         name = op_name(func)
         if name in _PASSTHROUGH or not self._any_tracked(args, kwargs):
             return func(*args, **kwargs)
-        self.op = f"{name}()"
+        self.op = name
         call = self._call(name, func, args, kwargs)
         target = args[0] if args else None
         snapshot = call.func is not call.tfunc or call.args is not call.targs or call.kwargs is not call.tkwargs
@@ -216,12 +241,12 @@ class RowTangents(TorchFunctionMode):
 
     def _any_tracked(self, args: tuple, kwargs: dict) -> bool:
         table = self._table
-        for a in (*args, *kwargs.values()):
+        for a in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(a, Tensor):
-                if a in table:
+                if id(a) in table:
                     return True
             elif isinstance(a, (list, tuple)):
-                if any(isinstance(x, Tensor) and x in table for x in a):
+                if any(isinstance(x, Tensor) and id(x) in table for x in a):
                     return True
         return False
 

@@ -340,6 +340,8 @@ def add(ctx: RowTangents, call: Call) -> Any:
     dim = output_dim(ctx, out, [a, b])
     with torch.no_grad():
         terms = [t.tangent if s == 1 else t.tangent * s for x, s in ((a, sign_a), (b, sign_b)) if s and (t := ctx.track(x))]
+        if len(terms) == 2 and not terms[0].is_contiguous():  # the sum takes the first term's layout: keep it dense
+            terms.reverse()
         tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
         ctx.set(out, fit(ctx, tangent, out, dim), dim)
     return out
