@@ -139,6 +139,18 @@ def test_resume_with_warmup_dropout_labels_bf16_is_bit_identical(tmp_path, capsy
         assert entry["lr"] == pytest.approx(lr * min(1.0, entry["step"] / 5), rel=1e-12), entry
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_the_learning_rate_warms_up_then_decays_towards_zero_at_the_last_step(tmp_path, decay):
+    run = tmp_path / decay
+    train(_cfg(tmp_path, "train.steps=7", "train.warmup_steps=2", f"train.lr_decay={decay}", "train.lr=0.01",
+               "train.checkpoint_every=0"), run)
+    logged = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
+    # steps 0-1 warm up to 0.01; steps 2..6 decay over the 5 post-warm-up steps, f = 0, 0.2, ..., 0.8
+    fractions = [0.0, 0.2, 0.4, 0.6, 0.8]
+    factor = (lambda f: 0.5 * (1 + math.cos(math.pi * f))) if decay == "cosine" else (lambda f: 1 - f)
+    assert logged == pytest.approx([0.005, 0.01] + [0.01 * factor(f) for f in fractions], rel=1e-12)
+
+
 # ---- checkpoint atomicity ---------------------------------------------------------------------------
 
 

@@ -116,6 +116,7 @@ class ObjectiveConfig:
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # train.optimizer name -> torch class
+LR_DECAYS = ("none", "cosine", "linear")  # train.lr_decay: see meanflow.training.builders.learning_rate
 
 
 @_declared
@@ -130,6 +131,8 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = setting(0.0, low=0.0)
     warmup_steps: int = setting(0, low=0)
+    lr_decay: str = setting("none", choices=LR_DECAYS,
+                            doc="after warm-up: none (constant, the paper's), cosine or linear down to 0 at the last step")
     grad_clip: float = setting(0.0, low=0.0, doc="max gradient norm; 0 = no clipping")
     ema_decays: list = field(default_factory=lambda: [0.999])
     precision: str = setting("fp32", choices=("fp32", "bf16"))

@@ -1,6 +1,8 @@
 """Turn config sections into training objects: loss, optimizer, LR schedule (models: :mod:`meanflow.models.loading`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -29,7 +31,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps`` then constant (the paper's schedule)."""
+    """Linear warmup over ``warmup_steps``, then constant (the paper's schedule) or decayed to 0 at the last step.
+
+    ``lr_decay``: "cosine" multiplies by (1 + cos(pi f)) / 2 and "linear" by 1 - f, with f the
+    fraction of the post-warm-up steps done (0 at the first, 1 at step ``steps``).
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+    if cfg.lr_decay == "none":
+        return cfg.lr
+    done = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    factor = 0.5 * (1.0 + math.cos(math.pi * done)) if cfg.lr_decay == "cosine" else 1.0 - done
+    return cfg.lr * factor
