@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import meanflow
+import meanflow.evaluation.preview as preview_module
 import meanflow.evaluation.run as run_module
 from meanflow.config import ConfigError, load_config
+from meanflow.data.base import TensorDataset
+from meanflow.evaluation.preview import save_preview
 from meanflow.models import create
 from meanflow.sampling import generate, guidance_inputs
 from meanflow.training.trainer import train
@@ -78,6 +81,23 @@ def test_eval_omega_and_interval_of_the_config_reach_the_evaluation(tmp_path, mo
     assert (seen["omega"], seen["interval"]) == (3.0, [0.2, 0.7])
     run_module.evaluate_run(out, omega=2.0, interval=(0.0, 1.0))  # the eval command's flags win over the config
     assert (seen["omega"], seen["interval"]) == (2.0, (0.0, 1.0))
+
+
+def test_previews_of_training_and_evaluation_use_the_eval_guidance(tmp_path, monkeypatch):
+    seen = []
+    real = preview_module.generate
+    monkeypatch.setattr(preview_module, "generate", lambda *a, **k: seen.append((k["omega"], k["interval"])) or real(*a, **k))
+    cfg = load_config("digits-imf", ["train.steps=1", "train.batch_size=8", "train.checkpoint_every=1", "train.log_every=1",
+                                     "train.sample_every=1", "eval.baseline_ode_steps=2", "eval.omega=3.0", "eval.interval=[0.2, 0.7]"])
+    out = train(cfg, tmp_path / "run")
+    assert seen == [(3.0, [0.2, 0.7])] * 3  # the training preview: 1 NFE, 2 NFE, the ODE
+    monkeypatch.setattr(run_module, "evaluate_images", lambda *args, **kwargs: {})
+    run_module.evaluate_run(out, preview=tmp_path / "p.png", omega=2.0)
+    assert seen[3:] == [(2.0, [0.2, 0.7])] * 3
+    data = TensorDataset(torch.zeros(6, 1, 4, 4), torch.arange(6) % 3, kind="images", num_classes=3)
+    guided, plain = (save_preview(imf_model(), data, tmp_path / f"{w}.png", num=6, plan=(("meanflow", 1),), omega=w)
+                     for w in (4.0, None))
+    assert guided.read_bytes() != plain.read_bytes()
 
 
 def test_eval_guidance_keys_are_checked_before_training(tmp_path):

@@ -24,22 +24,26 @@ def preview_plan(objective: str, ode_steps: int = 100) -> tuple[tuple[str, int],
 
 
 def save_preview(model: nn.Module, data, path: Path, seed: int = 0, device="cpu", num: int | None = None,
-                 plan: tuple[tuple[str, int], ...] = PREVIEW_PLAN) -> Path:
+                 plan: tuple[tuple[str, int], ...] = PREVIEW_PLAN, omega: float | None = None,
+                 interval: tuple[float, float] | None = None) -> Path:
     """One PNG with samples of every (method, steps) of ``plan`` side by side (same noise for each).
 
     Points (N, D): the data first, then one scatter per sampler (``num`` points, default up to 5000).
     Images: one grid per sampler, a row per class for class-conditional models.
+    ``omega`` / ``interval``: guidance inputs of iMF-style models (None: the model's defaults).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    guidance = {"omega": omega, "interval": interval}
     if data.kind == "points":
-        save_point_panels(point_panels(model, data, seed, device, num, plan), path)
+        save_point_panels(point_panels(model, data, seed, device, num, plan, **guidance), path)
         return path
     shape, classes = tuple(data.sample_shape), data.num_classes
     n = num or (10 * classes if classes else 64)
     labels = (torch.arange(n) // max(n // classes, 1)).clamp(max=classes - 1) if classes else None
     grids = []
     for method, steps in plan:
-        samples, _ = generate(model, n, shape, steps, method, labels=labels, num_classes=classes, seed=seed, device=device)
+        samples, _ = generate(model, n, shape, steps, method, labels=labels, num_classes=classes, seed=seed, device=device,
+                              **guidance)
         images = decode_samples(samples, data.info, device) if data.kind == "latents" else samples
         grids.append((caption(method, steps), grid_pixels(images, nrow=(n // classes) if classes else None)))
     _save_image_panels(grids, path)
@@ -47,13 +51,16 @@ def save_preview(model: nn.Module, data, path: Path, seed: int = 0, device="cpu"
 
 
 def point_panels(model: nn.Module, data, seed: int = 0, device="cpu", num: int | None = None,
-                 plan: tuple[tuple[str, int], ...] = PREVIEW_PLAN) -> list[tuple[str, torch.Tensor]]:
-    """[(caption, points (n, D))]: the first ``n`` data points, then samples of each sampler from the same noise."""
+                 plan: tuple[tuple[str, int], ...] = PREVIEW_PLAN, omega: float | None = None,
+                 interval: tuple[float, float] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """[(caption, points (n, D))]: the first ``n`` data points, then samples of each sampler from the same noise
+    (``omega`` / ``interval``: guidance inputs of iMF-style models)."""
     n = num or min(len(data), 5000)
     reference, _ = data.get(torch.arange(min(len(data), n)))
     panels = [(f"data (n={len(reference)})", reference)]
     for method, steps in plan:
-        samples, _ = generate(model, n, tuple(data.sample_shape), steps, method, seed=seed, device=device)
+        samples, _ = generate(model, n, tuple(data.sample_shape), steps, method, seed=seed, device=device, omega=omega,
+                              interval=interval)
         panels.append((caption(method, steps), samples))
     return panels
 

@@ -124,7 +124,7 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     train_set, reference = load_dataset(cfg.data, cfg.seed)
     if preview is not None and info.is_main:
         save_preview(model, train_set, preview, seed=cfg.seed, device=info.device,
-                     plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps))
+                     plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps), **guidance)
     plan = [(method, k) for k in steps] if method else sampler_plan(cfg.objective.kind, steps, cfg.eval.baseline_ode_steps)
     header = {"checkpoint": str(directory), "step": meta.get("step"), "weights": "ema" if ema else "raw", "objective": cfg.objective.kind,
               "data": cfg.data.name, "num_samples": num, "seed": seed}

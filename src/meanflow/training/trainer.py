@@ -363,7 +363,8 @@ def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
 def _write_samples(net: nn.Module, data: Dataset, cfg: Config, stem: Path, device) -> None:
     """``stem``.png: samples from ``net`` (the EMA model) at 1 NFE, 2 NFE and with the ODE, side by side."""
     save_preview(net, data, stem.with_suffix(".png"), seed=cfg.seed, device=device,
-                 plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps))
+                 plan=preview_plan(cfg.objective.kind, cfg.eval.baseline_ode_steps), omega=cfg.eval.omega,
+                 interval=cfg.eval.interval)
 
 
 def ema_model(spec: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
