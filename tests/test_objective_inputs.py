@@ -81,6 +81,32 @@ def test_tangent_option_sets_the_time_tangents(option, dr, dt):
     torch.testing.assert_close(out.dudt, expected)
 
 
+@pytest.mark.parametrize("omega", [1.0, 2.0])
+def test_model_tangent_velocity_is_the_networks_own_u_tt_on_the_jvp_rows(omega):
+    torch.manual_seed(0)
+    model, x = Conditioned().double(), torch.randn(8, 2, dtype=torch.float64)
+    labels, aug = torch.arange(8) % 3, torch.randn(8, 2, dtype=torch.float64)
+    loss = MeanFlowLoss(ratio=0.5, omega=omega, label_drop=0.0, tangent_velocity="model", jvp="rows")
+    out = loss.targets(model, x, labels, torch.Generator().manual_seed(1), cond={"augment_labels": aug})
+    r, t, rows = out.draws.r, out.draws.t, out.draws.jvp_rows
+    assert 0 < rows.sum() < 8
+    with torch.no_grad():
+        u_tt = model(out.z, t, t, labels, augment_labels=aug)
+    torch.testing.assert_close(out.tangent[rows], u_tt[rows], rtol=1e-12, atol=1e-12)  # the network's velocity ...
+    torch.testing.assert_close(out.tangent[~rows], out.v[~rows], rtol=0, atol=0)  # ... where a JVP runs
+    with fwAD.dual_level():
+        dual = model(fwAD.make_dual(out.z, u_tt), r, fwAD.make_dual(t, torch.ones_like(t)), labels, augment_labels=aug)
+        dudt = fwAD.unpack_dual(dual).tangent
+    torch.testing.assert_close(out.dudt[rows], dudt[rows], rtol=1e-10, atol=1e-12)
+    # the target keeps the (guided) velocity v: u_tgt = v - (t - r) du/dt along (u(z, t, t), 0, 1)
+    torch.testing.assert_close(out.target[rows], (out.v - (t - r)[:, None] * dudt)[rows], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.target[~rows], out.v[~rows], rtol=0, atol=0)
+    baseline = MeanFlowLoss(ratio=0.5, omega=omega, label_drop=0.0, jvp="rows")
+    plain = baseline.targets(model, x, labels, torch.Generator().manual_seed(1), cond={"augment_labels": aug})
+    torch.testing.assert_close(plain.v, out.v, rtol=0, atol=0)  # same draws, same v; only the tangent differs
+    assert (plain.dudt[rows] - out.dudt[rows]).abs().max() > 1e-3
+
+
 def test_calling_the_loss_checks_cond_and_gives_it_to_every_row():
     torch.manual_seed(0)
     model, x, labels, aug = Conditioned(), torch.randn(8, 2), torch.arange(8) % 3, torch.randn(8, 2)

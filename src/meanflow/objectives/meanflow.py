@@ -11,6 +11,13 @@ r != t part of the batch, a fixed count per batch; the JVP layer
 (:func:`meanflow.autodiff.jvp`, option ``jvp``) computes it for those rows only. With
 classifier-free guidance (:mod:`~meanflow.objectives.guidance`) v is replaced by the guided
 field v_g in the target *and* in the tangent.
+
+``tangent_velocity="model"`` takes the tangent's velocity from the network itself, v_hat =
+u(z, t, t) without gradient (as improved MeanFlow does with its v-head), and keeps v (or v_g) in
+the target: u_tgt = v - (t - r) du/dt along (v_hat, 0, 1). The JVP is linear in its tangent and
+v_hat estimates E[v | z_t], so the target's mean is unchanged once v_hat is right, while the noise
+that the per-sample conditional velocity e - x puts into du/dt is gone. It costs one forward pass
+without gradient over the r != t rows.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from .time_samplers import PairTimeOptions
 
 #: JVP tangents (dr, dt) beside v on z: the MeanFlow identity needs (v, 0, 1); the others are ablations
 TANGENTS = {"v01": (0.0, 1.0), "v00": (0.0, 0.0), "v10": (1.0, 0.0)}
+#: where the tangent's velocity on z comes from: the (guided) conditional velocity, or the model's u(z, t, t)
+TANGENT_VELOCITIES = ("conditional", "model")
 
 
 @register
@@ -53,6 +62,11 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         "v01", choices=tuple(TANGENTS), doc="JVP tangent on (z, r, t): v01 = (v, 0, 1) is MeanFlow's; v00 and v10 are "
         "deliberately wrong, for the tangent ablation only",
     )
+    tangent_velocity = Option(
+        "conditional", choices=TANGENT_VELOCITIES, doc="velocity of the JVP tangent: conditional = e - x (or guided "
+        "v_g; the paper's), model = the network's own u(z, t, t) without gradient (improved MeanFlow's; lower-variance "
+        "targets for one more forward pass over the r != t rows)",
+    )
 
     def draw(self, x: torch.Tensor, generator: torch.Generator | None = None, shard: Shard | None = None) -> Draws:
         """Noise, (r, t), label drops and r != t rows for the batch x of shape (B, ...)."""
@@ -72,8 +86,10 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         self.check_guidance(model)
         z = interpolate(x, draws.noise, draws.t)
         v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels, cond)
-        u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, draws.jvp_index, cond)
-        return Targets(u=u, target=target, dudt=dudt, z=z, v=v, labels=labels, draws=draws, tangent=v)
+        rows = draws.jvp_index
+        tangent = v if self.tangent_velocity == "conditional" else model_velocity(model, z, draws.t, labels, rows, cond, v)
+        u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, rows, cond, tangent)
+        return Targets(u=u, target=target, dudt=dudt, z=z, v=v, labels=labels, draws=draws, tangent=tangent)
 
     def jvp_target(self, model: Model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,11 +99,13 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         """
         return self._regress(model, z, r, t, v, labels, torch.arange(z.shape[0], device=z.device))
 
-    def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor,
-                 cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u, target and du/dt (B, ...) with the JVP on ``rows``; target math in float32 (float64 for float64 z)."""
+    def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
+                 tangent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u, target and du/dt (B, ...) with the JVP on ``rows`` along ``tangent`` (B, ...) on z (default v);
+        target math in float32 (float64 for float64 z)."""
         dr, dt = TANGENTS[self.tangent]
-        out = jvp(model, z, r, t, labels, rows, Tangent(z=v[rows].to(z.dtype), t=dt, r=dr), mode=self.jvp, conditioning=cond)
+        along = (v if tangent is None else tangent)[rows].to(z.dtype)
+        out = jvp(model, z, r, t, labels, rows, Tangent(z=along, t=dt, r=dr), mode=self.jvp, conditioning=cond)
         dtype = target_dtype(z)
         u, du = out.u.to(dtype), out.du.to(dtype)
         target = v.to(dtype).clone()
@@ -96,6 +114,18 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
 
     def reduce(self, out: Targets) -> tuple[torch.Tensor, DeviceStats]:
         return weighted_regression(out, self.weighted)
+
+
+def model_velocity(model: Model, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, rows: torch.Tensor,
+                   cond: dict[str, torch.Tensor] | None, v: torch.Tensor) -> torch.Tensor:
+    """v with its ``rows`` replaced by the model's instantaneous velocity u(z, t, t), without gradient; (B, ...).
+
+    z, v: (B, ...); t: (B,); labels: (B,) as fed to the network, or None; rows: (n,) indices.
+    """
+    take = {k: c[rows] for k, c in (cond or {}).items()}
+    with torch.no_grad():
+        u_tt = model(z[rows], t[rows], t[rows], None if labels is None else labels[rows], **take)
+    return v.index_put((rows,), u_tt.to(v.dtype))
 
 
 def mean_flow_target(v: torch.Tensor, r: torch.Tensor, t: torch.Tensor, dudt: torch.Tensor) -> torch.Tensor:
