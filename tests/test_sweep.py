@@ -102,6 +102,17 @@ def test_summary_table_matches_metrics_files(tmp_path):
     assert len((out / "runs.csv").read_text().strip().splitlines()) == 5
 
 
+def test_markdown_table_shows_a_spread_only_over_two_seeds_or_more():
+    def entry(values):
+        mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+        return {"point": {"x": 1}, "seeds": list(range(len(values))), "metrics": {"m": {"mean": mean, "std": std, "values": values}}}
+
+    text = sweep.markdown_table([entry([0.25]), entry([0.25, 0.75])], ["m"], ["x"], "t")
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
+    assert rows[0].endswith("| 0 | 0.25 [0.25] |") and "nan" not in text
+    assert rows[1].endswith("| 0,1 | 0.5 ± 0.3536 [0.25, 0.75] |")
+
+
 def test_bad_specs_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="unknown key"):
         sweep.load_spec(_spec(tmp_path, grids={}))

@@ -265,7 +265,7 @@ def markdown_table(summary: list[dict[str, Any]], metrics: list[str], axes: list
     """Markdown: one row per grid point, each metric as ``mean ± std`` over seeds with the raw values below."""
     done = sum(len(e["seeds"]) for e in summary)
     lines = [f"# {title}", "", f"{done} finished runs" + (f" of {total}" if total else "") + "; mean ± standard deviation over seeds "
-             "(sample std, n - 1), raw values by seed in brackets.", ""]
+             "(sample std, n - 1; none with one seed), raw values by seed in brackets.", ""]
     lines.append("| " + " | ".join([*axes, "seeds", *metrics]) + " |")
     lines.append("|" + "---|" * len(axes) + "---|" + "---:|" * len(metrics))
     for entry in summary:
@@ -274,7 +274,8 @@ def markdown_table(summary: list[dict[str, Any]], metrics: list[str], axes: list
         for name in metrics:
             m = entry["metrics"][name]
             raw = ", ".join(_fmt(v) for v in m["values"])
-            cells.append(f"{_fmt(m['mean'])} ± {_fmt(m['std'])} [{raw}]")
+            spread = "" if len(m["values"]) < 2 else f" ± {_fmt(m['std'])}"  # one seed: no spread to show
+            cells.append(f"{_fmt(m['mean'])}{spread} [{raw}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
