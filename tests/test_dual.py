@@ -120,12 +120,12 @@ def test_dropout_shares_its_mask_between_primal_and_tangent():
     assert same.primal is x and same.tangent is dx
 
 
-MODELS = {"mlp": dict(dim=3), "dit-tiny/2": dict(in_channels=3, input_size=8), "unet-tiny": dict(in_channels=3, input_size=8)}
+MODELS = {"mlp": dict(dim=3), "mlp+fourier": dict(dim=3, fourier_features=8, fourier_scale=0.7), "dit-tiny/2": dict(in_channels=3, input_size=8), "unet-tiny": dict(in_channels=3, input_size=8)}
 
 
 def build(name: str, num_classes: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = create(name, num_classes=num_classes, **MODELS[name]).double()
+    model = create(name.split("+")[0], num_classes=num_classes, **MODELS[name]).double()  # "family+variant"
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # the zero-initialised layers too, so du/dt is non-trivial
@@ -135,7 +135,7 @@ def build(name: str, num_classes: int = 4) -> torch.nn.Module:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_propagate_duals_exactly(name):
     model = build(name)
-    shape = (MODELS[name]["dim"],) if name == "mlp" else (3, 8, 8)
+    shape = (MODELS[name]["dim"],) if "dim" in MODELS[name] else (3, 8, 8)
     z, v = rand(B, *shape, seed=1), rand(B, *shape, seed=2)
     r = torch.linspace(0.0, 0.4, B, **f64)
     t = r + torch.linspace(0.5, 0.1, B, **f64)
@@ -157,7 +157,7 @@ def test_models_propagate_duals_exactly(name):
 def test_models_under_bf16_autocast_keep_the_plain_primal(name):
     """Under autocast the primal follows autocast's dtype policy exactly; the tangent agrees to bf16 precision."""
     model = build(name).float()
-    shape = (MODELS[name]["dim"],) if name == "mlp" else (3, 8, 8)
+    shape = (MODELS[name]["dim"],) if "dim" in MODELS[name] else (3, 8, 8)
     z, v = rand(B, *shape, seed=1).float(), rand(B, *shape, seed=2).float()
     r, t, labels = torch.full((B,), 0.2), torch.full((B,), 0.7), torch.tensor([0, 4, 2, 1, 3])
     with torch.autocast("cpu", dtype=torch.bfloat16):

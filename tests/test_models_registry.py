@@ -52,3 +52,19 @@ def test_a_new_family_needs_no_name_prefix(monkeypatch):
         register("broken", None)
     with pytest.raises(ValueError, match="input_kind"):
         Family(fam.cls, input_kind="audio")
+
+
+def test_mlp_fourier_features_are_fixed_saved_and_checked():
+    plain = create("mlp", dim=2)
+    assert not any("freqs" in key for key in plain.state_dict())  # the default keeps the earlier weight layout
+    torch.manual_seed(1)
+    a = create("mlp", dim=2, fourier_features=16, fourier_scale=2.0)
+    torch.manual_seed(2)
+    b = create("mlp", dim=2, fourier_features=16, fourier_scale=2.0)
+    assert torch.equal(a.state_dict()["features.freqs"], b.state_dict()["features.freqs"])  # not drawn from the global RNG
+    assert a.state_dict()["features.freqs"].shape == (2, 16) and a.inp.in_features == 2 + 32
+    z = torch.randn(5, 2)
+    features = a.features(z)
+    torch.testing.assert_close(features[:, 18:], torch.cos(z @ a.features.freqs))
+    with pytest.raises(ValueError, match="Fourier features need count >= 1 and scale > 0"):
+        create("mlp", dim=2, fourier_features=4, fourier_scale=0.0)
