@@ -25,8 +25,8 @@ reference to its primal, as the activations of a plain forward are.
 """
 from __future__ import annotations
 
+import functools
 import weakref
-from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -46,19 +46,11 @@ class Track(NamedTuple):
     dim: int | None
 
 
-class _Entry(weakref.ref):
-    """A weak reference to a tracked tensor that drops its table entry (keyed by ``id``) when the tensor dies."""
+class Call(NamedTuple):
+    """One intercepted torch call: the primal side (func, args, kwargs) and the out-of-place form for tangents.
 
-    __slots__ = ("key",)
-
-    def __init__(self, x: Tensor, callback: Callable[["_Entry"], None]):
-        super().__init__(x, callback)
-        self.key = id(x)
-
-
-@dataclass
-class Call:
-    """One intercepted torch call: the primal side (func, args, kwargs) and the out-of-place form for tangents."""
+    A named tuple, as one is built for every intercepted call (cheaper than a dataclass).
+    """
 
     name: str
     func: Callable
@@ -131,17 +123,13 @@ class RowTangents(TorchFunctionMode):
         if not 0 < rows <= batch:
             raise ValueError(f"row tangents need 0 < rows <= batch, got rows={rows}, batch={batch}")
         self.batch, self.rows = batch, rows
+        self.full = rows == batch  # every row carries a tangent (then tangents have their primal's shape)
         self.op = "<input>"  # the name of the op being handled, for error messages
         # id(tensor) -> Track of the live tracked tensors, and their weak references that forget them at death:
         # a dict lookup by id is what every intercepted call pays (a WeakIdKeyDictionary builds a reference per lookup)
         self._table: dict[int, Track] = {}
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, weakref.ref] = {}
         self._snapshots: dict[int, Tensor] = {}
-
-    @property
-    def full(self) -> bool:
-        """Whether every row of the batch carries a tangent (then tangents have their primal's shape)."""
-        return self.rows == self.batch
 
     # Table --------------------------------------------------------------------------------------
     def track(self, x: Any) -> Track | None:
@@ -178,12 +166,12 @@ class RowTangents(TorchFunctionMode):
             tangent = tangent.to(out.dtype)
         self._table[key] = Track(tangent, self._batch_dim(out, tangent, hint))
         if key not in self._entries:
-            self._entries[key] = _Entry(out, self._forget)
+            self._entries[key] = weakref.ref(out, functools.partial(self._forget, key))
 
-    def _forget(self, entry: _Entry) -> None:
-        """Weak-reference callback: a tracked tensor died, its tangent goes with it."""
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key], self._table[entry.key]
+    def _forget(self, key: int, entry: weakref.ref) -> None:
+        """Weak-reference callback: the tracked tensor ``id`` key died, its tangent goes with it."""
+        if self._entries.get(key) is entry:
+            del self._entries[key], self._table[key]
 
     def _batch_dim(self, out: Tensor, tangent: Tensor, hint: int | None) -> int | None:
         if tangent.ndim != out.ndim:
@@ -192,10 +180,14 @@ class RowTangents(TorchFunctionMode):
             if tangent.shape != out.shape:
                 raise self.mixing(f"gave a tangent of shape {tuple(tangent.shape)} for an output of shape {tuple(out.shape)}")
             return hint % out.ndim if hint is not None and out.ndim and out.shape[hint] % self.batch == 0 else None
-        diff = [i for i, (a, b) in enumerate(zip(out.shape, tangent.shape)) if a != b]
-        if len(diff) != 1:
-            raise self.mixing(f"turned the batch of {self.batch} into an output of shape {tuple(out.shape)}")
-        (dim,) = diff
+        shape, rows_shape = out.shape, tangent.shape
+        if hint is not None and 0 <= hint < len(shape) and shape[hint + 1:] == rows_shape[hint + 1:] and shape[:hint] == rows_shape[:hint]:
+            dim = hint  # the common case, checked without a loop: only the hinted dimension can differ
+        else:
+            diff = [i for i, (a, b) in enumerate(zip(shape, rows_shape)) if a != b]
+            if len(diff) != 1:
+                raise self.mixing(f"turned the batch of {self.batch} into an output of shape {tuple(out.shape)}")
+            (dim,) = diff
         size, rows = out.shape[dim], tangent.shape[dim]
         if size % self.batch or rows != size // self.batch * self.rows:
             raise self.mixing(f"changed the size of the batch dimension to {size} (dimension {dim} of {tuple(out.shape)})")
@@ -256,13 +248,13 @@ class RowTangents(TorchFunctionMode):
         call = Call(name, func, args, kwargs, func, args, kwargs)
         base = _INPLACE_DUNDERS.get(name) or (name[:-1] if name.endswith("_") and not name.endswith("__") else None)
         if base is not None and hasattr(Tensor, base):
-            return replace(call, name=base, tfunc=getattr(Tensor, base))
+            return call._replace(name=base, tfunc=getattr(Tensor, base))
         if name in _INPLACE_ARG:
             index = _INPLACE_ARG[name]
             if kwargs.get("inplace"):
-                return replace(call, tkwargs={**kwargs, "inplace": False})
+                return call._replace(tkwargs={**kwargs, "inplace": False})
             if len(args) > index and args[index]:
-                return replace(call, targs=(*args[:index], False, *args[index + 1:]))
+                return call._replace(targs=(*args[:index], False, *args[index + 1:]))
         return call
 
 

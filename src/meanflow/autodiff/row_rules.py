@@ -119,8 +119,9 @@ def tracked_first(ctx: RowTangents, call: Call) -> tuple[Tensor, Track] | None:
     """The first argument and its track when it is tracked (and the only tracked tensor argument), else None."""
     x = call.targs[0] if call.targs else None
     track = ctx.track(x)
-    others = [a for a in (*call.targs[1:], *call.tkwargs.values()) if ctx.track(a) is not None]
-    return None if track is None or others else (x, track)
+    if track is None or any(ctx.track(a) is not None for a in call.targs[1:]):
+        return None
+    return None if call.tkwargs and any(ctx.track(a) is not None for a in call.tkwargs.values()) else (x, track)
 
 
 # Views, casts and other ops that act on the tangent as on the primal -------------------------------
