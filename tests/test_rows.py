@@ -111,6 +111,24 @@ def test_sdpa_by_head_with_a_per_head_mask():
     check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 5, 24), plain=(mask[:1, :1, 0],))
 
 
+def test_the_users_grad_mode_holds_between_and_inside_calls():
+    """Rules run with gradients off; the user's code and every primal see the user's own grad mode."""
+    seen = {}
+
+    def fn(x):
+        y = x * 2.0
+        seen["enabled"] = torch.is_grad_enabled()
+        with torch.no_grad():
+            seen["no_grad_output"] = (y + 1.0).requires_grad
+        return F.layer_norm(y, (4,)).sin()
+
+    x = rand(B, 4).requires_grad_()
+    out, tangent = row_jvp(fn, (x,), (rand(N, 4, seed=1),))
+    assert seen == {"enabled": True, "no_grad_output": False}
+    assert out.requires_grad and not tangent.requires_grad and torch.is_grad_enabled()
+    torch.testing.assert_close(tangent, reference_jvp(fn, (x.detach()[:N],), (rand(N, 4, seed=1),)), rtol=1e-10, atol=1e-12)
+
+
 def test_in_place_ops_and_assignment():
     def fn(x, y):
         h = x.clone()

@@ -5,7 +5,7 @@ user's function once, unchanged, on the whole batch: real tensors flow through t
 and autograd exactly as in a plain call (the output is bit-identical and carries the same
 gradients). A :class:`RowTangents` torch-function mode watches every torch call of that run and
 keeps, in a side table, the tangent of the first n rows of each tensor that depends on the
-tangent inputs, computed under ``torch.no_grad()``: nothing of it enters autograd.
+tangent inputs, computed with gradients off: nothing of it enters autograd.
 
 A tracked tensor's tangent covers ``primal.narrow(dim, 0, m)``: ``dim`` is where the batch is now
 (it moves under permute, transpose, reshape, chunk, unbind, ...), and ``m = n k`` when the batch is
@@ -59,10 +59,18 @@ class Call(NamedTuple):
     tfunc: Callable
     targs: tuple
     tkwargs: dict
+    grad: bool  # the grad mode of the user's code at the call
 
-    def run(self) -> Any:
-        """The primal: the call exactly as the user's code made it."""
-        return self.func(*self.args, **self.kwargs)
+    def run(self, func: Callable | None = None, *args: Any) -> Any:
+        """The primal: the call exactly as the user's code made it (or ``func(*args)``), in the user's grad mode.
+
+        Rules run with gradients off (their tangents stay out of autograd); every primal goes through here.
+        """
+        torch._C._set_grad_enabled(self.grad)
+        try:
+            return self.func(*self.args, **self.kwargs) if func is None else func(*args)
+        finally:
+            torch._C._set_grad_enabled(False)
 
     def apply(self, tangent: Tensor, *args, **kwargs) -> Any:
         """The out-of-place op applied to a tangent, with the call's other arguments unless given."""
@@ -225,9 +233,11 @@ class RowTangents(TorchFunctionMode):
         snapshot = call.func is not call.tfunc or call.args is not call.targs or call.kwargs is not call.tkwargs
         if snapshot and self.track(target) is not None:  # in-place: keep the rows' value from before
             self._snapshots[id(target)] = self.head(target).clone()
+        torch._C._set_grad_enabled(False)
         try:
             return RULES.get(call.name, generic)(self, call)
         finally:
+            torch._C._set_grad_enabled(call.grad)
             if snapshot:
                 self._snapshots.pop(id(target), None)
 
@@ -245,7 +255,7 @@ class RowTangents(TorchFunctionMode):
     @staticmethod
     def _call(name: str, func: Callable, args: tuple, kwargs: dict) -> Call:
         """The call, with the out-of-place form of an in-place op (``add_`` -> ``add``, ``inplace=True`` -> False)."""
-        call = Call(name, func, args, kwargs, func, args, kwargs)
+        call = Call(name, func, args, kwargs, func, args, kwargs, torch.is_grad_enabled())
         base = _INPLACE_DUNDERS.get(name) or (name[:-1] if name.endswith("_") and not name.endswith("__") else None)
         if base is not None and hasattr(Tensor, base):
             return call._replace(name=base, tfunc=getattr(Tensor, base))
@@ -341,8 +351,7 @@ def generic(ctx: RowTangents, call: Call) -> Any:
         result = tree_flatten(call.tfunc(*a, **k))[0]
         return tuple(result[i] for i in float_outs)
 
-    with torch.no_grad():
-        _, out_tangents = torch.func.jvp(on_rows, tuple(primals), tuple(tangents))
+    _, out_tangents = torch.func.jvp(on_rows, tuple(primals), tuple(tangents))
     hint = None if track.dim is None else track.dim + (outs[float_outs[0]].ndim - x.ndim)
     for i, tangent in zip(float_outs, out_tangents):
         ctx.set(outs[i], tangent, hint)

@@ -1,6 +1,6 @@
 """Hand-written row-tangent rules for the ops that carry a network's cost.
 
-Each rule runs the primal call unchanged (``call.run()``) and records, under ``torch.no_grad()``,
+Each rule runs the primal call unchanged (``call.run()``) and records, with gradients off,
 the tangent of the output's tracked rows (``ctx.set``). With x the tracked rows of an input and
 dx their tangent:
 
@@ -137,8 +137,7 @@ def same_op(ctx: RowTangents, call: Call, x: Tensor, track: Track, batch_first: 
     if batch_first:
         ctx.check_batch_first(track)
     out = call.run()
-    with torch.no_grad():
-        tangent = call.apply(track.tangent)
+    tangent = call.apply(track.tangent)
     hint = probe_dim(call, x, track.dim) if ctx.full else None
     if isinstance(out, Tensor):
         ctx.set(out, tangent, hint)
@@ -164,8 +163,7 @@ def reshape(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
         return generic(ctx, call)
     out = call.run()
     dim, shape = reshape_dim(ctx, x.shape, track.dim, out.shape)
-    with torch.no_grad():
-        ctx.set(out, track.tangent.reshape(shape), dim)
+    ctx.set(out, track.tangent.reshape(shape), dim)
     return out
 
 
@@ -203,8 +201,7 @@ def expand(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     dim = None if track.dim is None else track.dim + out.ndim - x.ndim
     if dim is not None and out.shape[dim] != x.shape[track.dim]:
         raise ctx.mixing(f"broadcasts the batch dimension {track.dim} of {tuple(x.shape)} to {tuple(out.shape)}")
-    with torch.no_grad():
-        ctx.set(out, track.tangent.expand(rows_shape(ctx, out, dim)), dim)
+    ctx.set(out, track.tangent.expand(rows_shape(ctx, out, dim)), dim)
     return out
 
 
@@ -246,8 +243,7 @@ def getitem(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     index = call.targs[1]
     hint = index_dims(ctx, index, x.ndim, track.dim, x.shape[track.dim] if track.dim is not None else 0)
     out = call.run()
-    with torch.no_grad():
-        ctx.set(out, track.tangent[index], hint)
+    ctx.set(out, track.tangent[index], hint)
     return out
 
 
@@ -267,8 +263,7 @@ def setitem(ctx: RowTangents, call: Call) -> Any:
         dim, tangent = track.dim, track.tangent.clone()
     index_dims(ctx, index, x.ndim, dim, x.shape[dim] if dim is not None else 0)
     out = call.run()
-    with torch.no_grad():
-        tangent[index] = value_track.tangent if value_track is not None else 0
+    tangent[index] = value_track.tangent if value_track is not None else 0
     ctx.set(x, tangent, dim)
     return out
 
@@ -285,9 +280,8 @@ def cat(ctx: RowTangents, call: Call) -> Any:
     if not stack and batch is not None and dim % tensors[0].ndim == batch:
         raise ctx.mixing(f"concatenates along the batch dimension {batch}")
     out = call.run()
-    with torch.no_grad():
-        parts = [ctx.track(x).tangent if ctx.track(x) is not None else x.new_zeros(rows_shape(ctx, x, batch)) for x in tensors]
-        tangent = (torch.stack if stack else torch.cat)(parts, dim)
+    parts = [ctx.track(x).tangent if ctx.track(x) is not None else x.new_zeros(rows_shape(ctx, x, batch)) for x in tensors]
+    tangent = (torch.stack if stack else torch.cat)(parts, dim)
     hint = None if batch is None else batch + int(stack and dim % out.ndim <= batch)
     ctx.set(out, tangent, hint)
     return out
@@ -299,8 +293,7 @@ def pad(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     """F.pad: the tangent padded alike, with zeros where the primal gets a constant."""
     mode = arg(call, 2, "mode", "constant")
     out = call.run()
-    with torch.no_grad():
-        tangent = F.pad(track.tangent, arg(call, 1, "pad"), mode, 0.0 if mode == "constant" else None)
+    tangent = F.pad(track.tangent, arg(call, 1, "pad"), mode, 0.0 if mode == "constant" else None)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -339,12 +332,11 @@ def add(ctx: RowTangents, call: Call) -> Any:
     sign_a, sign_b = (sign_a * alpha, sign_b) if call.name == "rsub" else (sign_a, sign_b * alpha)
     out = call.run()
     dim = output_dim(ctx, out, [a, b])
-    with torch.no_grad():
-        terms = [t.tangent if s == 1 else t.tangent * s for x, s in ((a, sign_a), (b, sign_b)) if s and (t := ctx.track(x))]
-        if len(terms) == 2 and not terms[0].is_contiguous():  # the sum takes the first term's layout: keep it dense
-            terms.reverse()
-        tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        ctx.set(out, fit(ctx, tangent, out, dim), dim)
+    terms = [t.tangent if s == 1 else t.tangent * s for x, s in ((a, sign_a), (b, sign_b)) if s and (t := ctx.track(x))]
+    if len(terms) == 2 and not terms[0].is_contiguous():  # the sum takes the first term's layout: keep it dense
+        terms.reverse()
+    tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    ctx.set(out, fit(ctx, tangent, out, dim), dim)
     return out
 
 
@@ -354,12 +346,11 @@ def mul(ctx: RowTangents, call: Call) -> Any:
     a, b = call.targs[0], arg(call, 1, "other")
     out = call.run()
     dim = output_dim(ctx, out, [a, b])
-    with torch.no_grad():
-        pairs = [(t.tangent, operand(ctx, y, out, dim)) for x, y in ((a, b), (b, a)) if (t := ctx.track(x))]
-        tangent = pairs[0][0] * pairs[0][1]
-        if len(pairs) == 2:
-            tangent = tangent.addcmul_(*pairs[1]) if covers(tangent, *pairs[1]) else tangent + pairs[1][0] * pairs[1][1]
-        ctx.set(out, fit(ctx, tangent, out, dim), dim)
+    pairs = [(t.tangent, operand(ctx, y, out, dim)) for x, y in ((a, b), (b, a)) if (t := ctx.track(x))]
+    tangent = pairs[0][0] * pairs[0][1]
+    if len(pairs) == 2:
+        tangent = tangent.addcmul_(*pairs[1]) if covers(tangent, *pairs[1]) else tangent + pairs[1][0] * pairs[1][1]
+    ctx.set(out, fit(ctx, tangent, out, dim), dim)
     return out
 
 
@@ -374,13 +365,12 @@ def div(ctx: RowTangents, call: Call) -> Any:
         ctx.set(out, None)
         return out
     dim = output_dim(ctx, out, [a, b])
-    with torch.no_grad():
-        tangent = 0
-        if (ta := ctx.track(a)) is not None:
-            tangent = ta.tangent
-        if (tb := ctx.track(b)) is not None:
-            tangent = tangent - rows_of(ctx, out, dim) * tb.tangent
-        ctx.set(out, fit(ctx, tangent / operand(ctx, b, out, dim), out, dim), dim)
+    tangent = 0
+    if (ta := ctx.track(a)) is not None:
+        tangent = ta.tangent
+    if (tb := ctx.track(b)) is not None:
+        tangent = tangent - rows_of(ctx, out, dim) * tb.tangent
+    ctx.set(out, fit(ctx, tangent / operand(ctx, b, out, dim), out, dim), dim)
     return out
 
 
@@ -391,13 +381,12 @@ def addcmul(ctx: RowTangents, call: Call) -> Any:
     value = call.tkwargs.get("value", 1)
     out = call.run()
     dim = output_dim(ctx, out, [c, a, b])
-    with torch.no_grad():
-        tangent = ctx.track(c).tangent if ctx.track(c) is not None else None
-        for x, y in ((a, b), (b, a)):
-            if (t := ctx.track(x)) is not None:
-                y = operand(ctx, y, out, dim)
-                tangent = t.tangent * y * value if tangent is None else torch.addcmul(tangent, t.tangent, y, value=value)
-        ctx.set(out, fit(ctx, tangent, out, dim), dim)
+    tangent = ctx.track(c).tangent if ctx.track(c) is not None else None
+    for x, y in ((a, b), (b, a)):
+        if (t := ctx.track(x)) is not None:
+            y = operand(ctx, y, out, dim)
+            tangent = t.tangent * y * value if tangent is None else torch.addcmul(tangent, t.tangent, y, value=value)
+    ctx.set(out, fit(ctx, tangent, out, dim), dim)
     return out
 
 
@@ -419,9 +408,8 @@ _ACTIVATIONS = {
 def activation(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     head = ctx.head(x)
     out = call.run()
-    with torch.no_grad():
-        dx = track.tangent.to(head.dtype)
-        tangent = _ACTIVATIONS[call.name](ctx, call, dx, head, rows_of(ctx, out, track.dim))
+    dx = track.tangent.to(head.dtype)
+    tangent = _ACTIVATIONS[call.name](ctx, call, dx, head, rows_of(ctx, out, track.dim))
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -435,9 +423,8 @@ def softmax(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
         return generic(ctx, call)
     ctx.check_dims((dim,), track, x.ndim)
     out = call.run()
-    with torch.no_grad():
-        p = rows_of(ctx, out, track.dim)
-        tangent = torch._softmax_backward_data(track.tangent.to(p.dtype), p, dim % x.ndim, p.dtype)
+    p = rows_of(ctx, out, track.dim)
+    tangent = torch._softmax_backward_data(track.tangent.to(p.dtype), p, dim % x.ndim, p.dtype)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -450,8 +437,7 @@ def linear(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     if track.dim is not None and track.dim == x.ndim - 1:
         raise ctx.mixing("contracts the batch dimension (it is the last one)")
     out = call.run()
-    with torch.no_grad():
-        ctx.set(out, F.linear(track.tangent, arg(call, 1, "weight")), track.dim)
+    ctx.set(out, F.linear(track.tangent, arg(call, 1, "weight")), track.dim)
     return out
 
 
@@ -462,8 +448,7 @@ def conv(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     ctx.check_batch_first(track)
     out = call.run()
     kwargs = {k: v for k, v in call.tkwargs.items() if k != "bias"}
-    with torch.no_grad():
-        tangent = call.tfunc(track.tangent, arg(call, 1, "weight"), None, *call.targs[3:], **kwargs)
+    tangent = call.tfunc(track.tangent, arg(call, 1, "weight"), None, *call.targs[3:], **kwargs)
     ctx.set(out, tangent, 0)
     return out
 
@@ -488,12 +473,11 @@ def matmul(ctx: RowTangents, call: Call) -> Any:
     if len(dims) > 1:
         raise ctx.mixing(f"multiplies operands whose batches land on different dimensions {sorted(dims)}")
     dim = dims.pop() if dims else None
-    with torch.no_grad():
-        rows_a = ctx.head(a) if track_a is not None else matmul_operand(ctx, a, out, dim, left=True)
-        rows_b = ctx.head(b) if track_b is not None else matmul_operand(ctx, b, out, dim, left=False)
-        tangent = None if track_a is None else torch.matmul(track_a.tangent, rows_b)
-        if track_b is not None:
-            tangent = accumulate(tangent, torch.matmul(rows_a, track_b.tangent))
+    rows_a = ctx.head(a) if track_a is not None else matmul_operand(ctx, a, out, dim, left=True)
+    rows_b = ctx.head(b) if track_b is not None else matmul_operand(ctx, b, out, dim, left=False)
+    tangent = None if track_a is None else torch.matmul(track_a.tangent, rows_b)
+    if track_b is not None:
+        tangent = accumulate(tangent, torch.matmul(rows_a, track_b.tangent))
     ctx.set(out, tangent, dim)
     return out
 
@@ -526,14 +510,13 @@ def einsum(ctx: RowTangents, call: Call) -> Any:
     out = call.run()
     dim = output.index(letter)
     explicit = ",".join(inputs) + "->" + output
-    with torch.no_grad():
-        values = [ctx.head(x) if ctx.track(x) is not None else einsum_operand(ctx, x, inputs[i], letter, out.shape[dim])
-                  for i, x in enumerate(operands)]
-        tangent = None
-        for i, x in enumerate(operands):
-            if (track := ctx.track(x)) is not None:
-                term = torch.einsum(explicit, *values[:i], track.tangent, *values[i + 1:])
-                tangent = accumulate(tangent, term)
+    values = [ctx.head(x) if ctx.track(x) is not None else einsum_operand(ctx, x, inputs[i], letter, out.shape[dim])
+              for i, x in enumerate(operands)]
+    tangent = None
+    for i, x in enumerate(operands):
+        if (track := ctx.track(x)) is not None:
+            term = torch.einsum(explicit, *values[:i], track.tangent, *values[i + 1:])
+            tangent = accumulate(tangent, term)
     ctx.set(out, tangent, dim)
     return out
 
@@ -571,16 +554,14 @@ def layer_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
         raise ctx.mixing(f"normalises over the batch dimension {track.dim}")
     if torch.is_autocast_enabled(x.device.type):  # autocast's dtype policy applies to layer_norm, not to the kernel
         out = call.run()
-        with torch.no_grad():
-            head = ctx.head(x).to(out.dtype)
-            _, mean, rstd = torch.native_layer_norm(head, shape, None, None, eps)
+        head = ctx.head(x).to(out.dtype)
+        _, mean, rstd = torch.native_layer_norm(head, shape, None, None, eps)
     else:
-        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        out, mean, rstd = call.run(torch.native_layer_norm, x, shape, weight, bias, eps)
         head, mean, rstd = ctx.head(x), rows_of(ctx, mean, track.dim), rows_of(ctx, rstd, track.dim)
-    with torch.no_grad():
-        tangent = aten.native_layer_norm_backward(
-            track.tangent.to(head.dtype), head, shape, mean, rstd, None, None, [True, False, False])[0]
-        tangent = tangent if weight is None else tangent.mul_(weight)
+    tangent = aten.native_layer_norm_backward(
+        track.tangent.to(head.dtype), head, shape, mean, rstd, None, None, [True, False, False])[0]
+    tangent = tangent if weight is None else tangent.mul_(weight)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -594,18 +575,16 @@ def group_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     channels, spatial = x.shape[1], math.prod(x.shape[2:])
     if torch.is_autocast_enabled(x.device.type) or not x.is_contiguous():
         out = call.run()
-        with torch.no_grad():
-            head = ctx.head(x).to(out.dtype).contiguous()
-            _, mean, rstd = torch.native_group_norm(head, None, None, head.shape[0], channels, spatial, groups, eps)
+        head = ctx.head(x).to(out.dtype).contiguous()
+        _, mean, rstd = torch.native_group_norm(head, None, None, head.shape[0], channels, spatial, groups, eps)
     else:
-        out, mean, rstd = torch.native_group_norm(x, weight, bias, x.shape[0], channels, spatial, groups, eps)
+        out, mean, rstd = call.run(torch.native_group_norm, x, weight, bias, x.shape[0], channels, spatial, groups, eps)
         head, mean, rstd = ctx.head(x), rows_of(ctx, mean, 0), rows_of(ctx, rstd, 0)
-    with torch.no_grad():
-        tangent = aten.native_group_norm_backward(
-            track.tangent.to(head.dtype).contiguous(), head, mean, rstd, None, head.shape[0], channels, spatial, groups,
-            [True, False, False])[0]
-        if weight is not None:
-            tangent.mul_(weight.reshape(channels, *([1] * (x.ndim - 2))))
+    tangent = aten.native_group_norm_backward(
+        track.tangent.to(head.dtype).contiguous(), head, mean, rstd, None, head.shape[0], channels, spatial, groups,
+        [True, False, False])[0]
+    if weight is not None:
+        tangent.mul_(weight.reshape(channels, *([1] * (x.ndim - 2))))
     ctx.set(out, tangent, 0)
     return out
 
@@ -619,13 +598,12 @@ def rms_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     if track.dim is not None and track.dim in axes:
         raise ctx.mixing(f"normalises over the batch dimension {track.dim}")
     out = call.run()
-    with torch.no_grad():
-        head, dx = ctx.head(x).to(out.dtype), track.tangent.to(out.dtype)
-        eps = torch.finfo(head.dtype).eps if eps is None else eps
-        rstd = torch.rsqrt(head.square().mean(axes, keepdim=True) + eps)
-        x_hat = head * rstd
-        tangent = (dx - x_hat * (x_hat * dx).mean(axes, keepdim=True)).mul_(rstd)
-        tangent = tangent if weight is None else tangent.mul_(weight)
+    head, dx = ctx.head(x).to(out.dtype), track.tangent.to(out.dtype)
+    eps = torch.finfo(head.dtype).eps if eps is None else eps
+    rstd = torch.rsqrt(head.square().mean(axes, keepdim=True) + eps)
+    x_hat = head * rstd
+    tangent = (dx - x_hat * (x_hat * dx).mean(axes, keepdim=True)).mul_(rstd)
+    tangent = tangent if weight is None else tangent.mul_(weight)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -640,9 +618,8 @@ def batch_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
                          "model's BatchNorm layers in eval mode, or use GroupNorm / LayerNorm")
     ctx.check_batch_first(track)
     out = call.run()
-    with torch.no_grad():
-        scale = torch.rsqrt(running_var + eps) if weight is None else weight * torch.rsqrt(running_var + eps)
-        ctx.set(out, track.tangent * scale.reshape(-1, *([1] * (x.ndim - 2))).to(out.dtype), 0)
+    scale = torch.rsqrt(running_var + eps) if weight is None else weight * torch.rsqrt(running_var + eps)
+    ctx.set(out, track.tangent * scale.reshape(-1, *([1] * (x.ndim - 2))).to(out.dtype), 0)
     return out
 
 
@@ -670,12 +647,11 @@ def scaled_dot_product_attention(ctx: RowTangents, call: Call) -> Any:
     out = call.run()
     dim = None if not dims else dims.pop() - (4 - out.ndim)
     size = out.shape[dim] if dim is not None else ctx.batch
-    with torch.no_grad():
-        rows = [ctx.head(x) if ctx.track(x) is not None else aligned_rows(ctx, x, out.ndim, dim, size) for x in (q, k, v)]
-        tangents = [t.tangent if (t := ctx.track(x)) is not None else None for x in (q, k, v)]
-        mask = aligned_rows(ctx, mask, out.ndim, dim, size)
-        by_head = dim in (0, None) and out.device.type == "cpu" and not all(map(heads_merge, (*rows, *tangents)))
-        tangent = (attention_tangent_by_head if by_head else attention_tangent)(*rows, *tangents, mask, causal, scale, gqa)
+    rows = [ctx.head(x) if ctx.track(x) is not None else aligned_rows(ctx, x, out.ndim, dim, size) for x in (q, k, v)]
+    tangents = [t.tangent if (t := ctx.track(x)) is not None else None for x in (q, k, v)]
+    mask = aligned_rows(ctx, mask, out.ndim, dim, size)
+    by_head = dim in (0, None) and out.device.type == "cpu" and not all(map(heads_merge, (*rows, *tangents)))
+    tangent = (attention_tangent_by_head if by_head else attention_tangent)(*rows, *tangents, mask, causal, scale, gqa)
     ctx.set(out, tangent, dim)
     return out
 
@@ -758,11 +734,9 @@ def dropout(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     out = call.run()
     after = rng_state(x.device)
     set_rng_state(x.device, before)
-    with torch.no_grad():
-        scale = call.func(torch.ones_like(x), *call.args[1:], **call.kwargs)  # the same draw: mask / (1 - p)
+    scale = call.func(torch.ones_like(x), *call.args[1:], **call.kwargs)  # the same draw: mask / (1 - p)
     set_rng_state(x.device, after)
-    with torch.no_grad():
-        ctx.set(out, track.tangent * rows_of(ctx, scale, track.dim), track.dim)
+    ctx.set(out, track.tangent * rows_of(ctx, scale, track.dim), track.dim)
     return out
 
 
