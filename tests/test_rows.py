@@ -102,13 +102,14 @@ def test_sdpa_with_a_per_sample_mask():
 
 
 def test_sdpa_by_head_with_a_per_head_mask():
-    """Timm-style q, k, v (heads not mergeable with the batch: the tangent goes head by head), mask per sample and head."""
-    mask = torch.rand(B, 2, 5, 5, generator=torch.Generator().manual_seed(4)) > 0.3
+    """Timm-style q, k, v (heads not mergeable with the batch: the tangent goes head by head), masks per sample and head or shared (4 tokens, batch 5)."""
+    mask = torch.rand(B, 2, 4, 4, generator=torch.Generator().manual_seed(4)) > 0.3
     mask[..., 0] = True
-    qkv = lambda x: x.reshape(len(x), 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
-    assert not heads_merge(qkv(rand(B, 5, 24))[0]) and heads_merge(rand(B, 2, 5, 4))
-    check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 5, 24), plain=(mask,))
-    check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 5, 24), plain=(mask[:1, :1, 0],))
+    qkv = lambda x: x.reshape(len(x), 4, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not heads_merge(qkv(rand(B, 4, 24))[0]) and heads_merge(rand(B, 2, 5, 4))
+    check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 4, 24), plain=(mask,))
+    for shared in (mask[0, 0], mask[0, :1], mask[:1, :1, 0]):  # (L, S), (1, L, S) and (1, 1, S): the same for every head
+        check_fn(lambda x, m: F.scaled_dot_product_attention(*qkv(x), attn_mask=m), (B, 4, 24), plain=(shared,))
 
 
 def test_the_users_grad_mode_holds_between_and_inside_calls():

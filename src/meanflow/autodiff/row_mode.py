@@ -149,14 +149,17 @@ class RowTangents(TorchFunctionMode):
         return len(self._table)
 
     def head(self, x: Tensor) -> Tensor:
-        """The tracked rows of x's primal, detached: ``x.narrow(dim, 0, m)`` (its value before an in-place op)."""
+        """The tracked rows of x's primal: ``x.narrow(dim, 0, m)`` (its value before an in-place op).
+
+        Outside autograd: rules run with gradients off, so the narrowed view records nothing.
+        """
         snapshot = self._snapshots.get(id(x))
         if snapshot is not None:
             return snapshot
         track = self._table[id(x)]
         if self.full or track.dim is None:
             return x.detach()
-        return x.detach().narrow(track.dim, 0, track.tangent.shape[track.dim])
+        return x.narrow(track.dim, 0, track.tangent.shape[track.dim])
 
     def set(self, out: Tensor, tangent: Tensor | None, hint: int | None = None) -> None:
         """Record the tangent of out's tracked rows; hint is out's batch dimension where known.
@@ -231,10 +234,10 @@ class RowTangents(TorchFunctionMode):
         call = self._call(name, func, args, kwargs)
         target = args[0] if args else None
         snapshot = call.func is not call.tfunc or call.args is not call.targs or call.kwargs is not call.tkwargs
-        if snapshot and self.track(target) is not None:  # in-place: keep the rows' value from before
-            self._snapshots[id(target)] = self.head(target).clone()
         torch._C._set_grad_enabled(False)
         try:
+            if snapshot and self.track(target) is not None:  # in-place: keep the rows' value from before
+                self._snapshots[id(target)] = self.head(target).clone()
             return RULES.get(call.name, generic)(self, call)
         finally:
             torch._C._set_grad_enabled(call.grad)
@@ -308,7 +311,7 @@ def aligned_rows(ctx: RowTangents, x: Any, out_ndim: int, out_dim: int | None, o
         return x
     pos = out_dim - (out_ndim - x.ndim)
     if 0 <= pos < x.ndim and x.shape[pos] == out_size and out_size > 1:
-        return x.detach().narrow(pos, 0, out_size // ctx.batch * ctx.rows)
+        return x.narrow(pos, 0, out_size // ctx.batch * ctx.rows)  # gradients are off in rules
     return x.detach()
 
 

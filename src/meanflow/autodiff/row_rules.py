@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,8 @@ def rows_shape(ctx: RowTangents, x: Tensor, dim: int | None) -> list[int]:
 
 
 def rows_of(ctx: RowTangents, x: Tensor, dim: int | None) -> Tensor:
-    """x (for instance an op's output) cut to the tracked rows along ``dim``, detached."""
-    return x.detach() if ctx.full or dim is None else x.detach().narrow(dim, 0, x.shape[dim] // ctx.batch * ctx.rows)
+    """x (for instance an op's output) cut to the tracked rows along ``dim``, outside autograd (rules run with gradients off)."""
+    return x.detach() if ctx.full or dim is None else x.narrow(dim, 0, x.shape[dim] // ctx.batch * ctx.rows)
 
 
 def operand(ctx: RowTangents, x: Any, out: Tensor, dim: int | None) -> Any:
@@ -491,7 +491,7 @@ def matmul_operand(ctx: RowTangents, x: Tensor, out: Tensor, dim: int | None, le
         return aligned_rows(ctx, x, out.ndim, dim, out.shape[dim]) if 0 <= pos < x.ndim - 2 else x.detach()
     if (dim == out.ndim - 2) == left:  # the rows of a, or the columns of b
         pos = x.ndim - 2 if left else x.ndim - 1
-        return x.detach().narrow(pos, 0, x.shape[pos] // ctx.batch * ctx.rows)
+        return x.narrow(pos, 0, x.shape[pos] // ctx.batch * ctx.rows)
     return x.detach()
 
 
@@ -526,7 +526,7 @@ def einsum_operand(ctx: RowTangents, x: Tensor, subscripts: str, letter: str, si
     if ctx.full or letter not in subscripts:
         return x.detach()
     pos = subscripts.index(letter)
-    return x.detach().narrow(pos, 0, size // ctx.batch * ctx.rows) if x.shape[pos] == size else x.detach()
+    return x.narrow(pos, 0, size // ctx.batch * ctx.rows) if x.shape[pos] == size else x.detach()
 
 
 def parse_einsum(equation: str, ranks: list[int]) -> tuple[list[str], str]:
@@ -674,22 +674,25 @@ def attention_tangent_by_head(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return attention_tangent(q, k, v, dq, dk, dv, mask, causal, scale, gqa)
-    group = q.shape[1] // k.shape[1] if gqa else 1
+    count, group = q.shape[1], q.shape[1] // k.shape[1] if gqa else 1
+    qs, dqs = heads(q, count), heads(dq, count)
+    ks, vs, dks, dvs = (heads(x, count // group) for x in (k, v, dk, dv))
+    masks = [mask] * count if mask is None or mask.ndim < 3 else heads(mask, count, dim=-3)
     out = None
-    for h in range(q.shape[1]):
+    for h in range(count):
         kv = h // group
-        head = attention_tangent(q[:, h], k[:, kv], v[:, kv], head_of(dq, h), head_of(dk, kv), head_of(dv, kv),
-                                 None if mask is None or mask.ndim < 3 else mask.select(-3, h if mask.shape[-3] > 1 else 0),
-                                 causal, scale, False)
+        head = attention_tangent(qs[h], ks[kv], vs[kv], dqs[h], dks[kv], dvs[kv], masks[h], causal, scale, False)
         if out is None:
-            out = head.new_empty(head.shape[0], head.shape[1], q.shape[1], head.shape[2])
+            out = head.new_empty(head.shape[0], head.shape[1], count, head.shape[2])
         out[:, :, h] = head
     return out.transpose(1, 2)
 
 
-def head_of(x: Tensor | None, h: int) -> Tensor | None:
-    """Head h of a (n, heads, tokens, features) tensor, or None."""
-    return None if x is None else x[:, h]
+def heads(x: Tensor | None, count: int, dim: int = 1) -> Sequence[Tensor | None]:
+    """The heads (dimension ``dim``, size ``count`` or 1 to broadcast) of x as views, in one unbind; None gives Nones."""
+    if x is None:
+        return [None] * count
+    return x.unbind(dim) if x.shape[dim] == count else [x.select(dim, 0)] * count
 
 
 def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
