@@ -41,6 +41,11 @@ def arg(call: Call, index: int, name: str, default: Any = None) -> Any:
     return call.tkwargs.get(name, default)
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in ``dtype`` (x itself when it has it: no call into torch)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def rows_shape(ctx: RowTangents, x: Tensor, dim: int | None) -> list[int]:
     """x's shape with the batch dimension cut to the tracked rows."""
     shape = list(x.shape)
@@ -408,7 +413,7 @@ _ACTIVATIONS = {
 def activation(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     head = ctx.head(x)
     out = call.run()
-    dx = track.tangent.to(head.dtype)
+    dx = cast(track.tangent, head.dtype)
     tangent = _ACTIVATIONS[call.name](ctx, call, dx, head, rows_of(ctx, out, track.dim))
     ctx.set(out, tangent, track.dim)
     return out
@@ -424,7 +429,7 @@ def softmax(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     ctx.check_dims((dim,), track, x.ndim)
     out = call.run()
     p = rows_of(ctx, out, track.dim)
-    tangent = torch._softmax_backward_data(track.tangent.to(p.dtype), p, dim % x.ndim, p.dtype)
+    tangent = torch._softmax_backward_data(cast(track.tangent, p.dtype), p, dim % x.ndim, p.dtype)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -560,7 +565,7 @@ def layer_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
         out, mean, rstd = call.run(torch.native_layer_norm, x, shape, weight, bias, eps)
         head, mean, rstd = ctx.head(x), rows_of(ctx, mean, track.dim), rows_of(ctx, rstd, track.dim)
     tangent = aten.native_layer_norm_backward(
-        track.tangent.to(head.dtype), head, shape, mean, rstd, None, None, [True, False, False])[0]
+        cast(track.tangent, head.dtype), head, shape, mean, rstd, None, None, [True, False, False])[0]
     tangent = tangent if weight is None else tangent.mul_(weight)
     ctx.set(out, tangent, track.dim)
     return out
@@ -704,21 +709,22 @@ def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Te
         dk = None if dk is None else dk.repeat_interleave(repeat, -3)
         dv = None if dv is None else dv.repeat_interleave(repeat, -3)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = q @ k.transpose(-2, -1) * scale  # (..., L, S)
+    k_t = k.transpose(-2, -1)
+    scores = (q @ k_t).mul_(scale)  # (..., L, S)
     if causal:
         scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     p = torch.softmax(scores, dim=-1)
-    ds = None if dq is None else dq @ k.transpose(-2, -1)
+    ds = None if dq is None else dq @ k_t
     if dk is not None:
         ds = accumulate(ds, q @ dk.transpose(-2, -1))
     out = None
     if ds is not None:
-        dp = torch._softmax_backward_data(ds.mul_(scale).to(p.dtype), p, -1, p.dtype)
-        out = dp.to(v.dtype) @ v
+        dp = torch._softmax_backward_data(cast(ds.mul_(scale), p.dtype), p, -1, p.dtype)
+        out = cast(dp, v.dtype) @ v
     if dv is not None:
-        out = accumulate(out, p.to(dv.dtype) @ dv)
+        out = accumulate(out, cast(p, dv.dtype) @ dv)
     return out
 
 
