@@ -42,14 +42,14 @@ def build(batch: int, rows: int) -> tuple[Callable[[], object], Callable[[], obj
     return (lambda: row_jvp(forward, (z, r, t), (dz, None, dt))), (lambda: forward(z, r, t))
 
 
-def self_times(fn: Callable[[], object]) -> dict[str, float]:
-    """Self CPU milliseconds per op name of one call."""
+def self_times(fn: Callable[[], object]) -> tuple[dict[str, float], int]:
+    """Self CPU milliseconds per op name of one call, and how many torch calls it made from Python (top-level ops)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     times: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         times[event.key] += event.self_cpu_time_total / 1000
-    return times
+    return times, sum(event.cpu_parent is None for event in prof.events())
 
 
 def main() -> None:
@@ -71,8 +71,9 @@ def main() -> None:
         ratios.append((middle - start) / (time.perf_counter() - middle))
     print(f"row pass ({args.rows} of {args.batch} rows) / plain forward: median {statistics.median(ratios[1:]):.3f} "
           f"over {args.repeats} rounds (first round dropped)")
-    with_rows, without = self_times(rows_pass), self_times(plain)
-    print(f"self CPU ms: row pass {sum(with_rows.values()):.1f}, plain forward {sum(without.values()):.1f}")
+    (with_rows, calls_rows), (without, calls_plain) = self_times(rows_pass), self_times(plain)
+    print(f"self CPU ms: row pass {sum(with_rows.values()):.1f}, plain forward {sum(without.values()):.1f}; "
+          f"top-level torch ops: row pass {calls_rows}, plain forward {calls_plain}")
     print(f"{'op':<50} {'row pass':>9} {'plain':>9} {'added':>9}")
     for name in sorted(with_rows, key=lambda k: without.get(k, 0.0) - with_rows[k])[:args.top]:
         print(f"{name[:50]:<50} {with_rows[name]:9.1f} {without.get(name, 0.0):9.1f} {with_rows[name] - without.get(name, 0.0):9.1f}")
