@@ -192,7 +192,8 @@ class RowTangents(TorchFunctionMode):
                 raise self.mixing(f"gave a tangent of shape {tuple(tangent.shape)} for an output of shape {tuple(out.shape)}")
             return hint % out.ndim if hint is not None and out.ndim and out.shape[hint] % self.batch == 0 else None
         shape, rows_shape = out.shape, tangent.shape
-        if hint is not None and 0 <= hint < len(shape) and shape[hint + 1:] == rows_shape[hint + 1:] and shape[:hint] == rows_shape[:hint]:
+        if hint is not None and 0 <= hint < len(shape) and shape[:hint] == rows_shape[:hint] \
+                and shape[hint + 1:] == rows_shape[hint + 1:]:
             dim = hint  # the common case, checked without a loop: only the hinted dimension can differ
         else:
             diff = [i for i, (a, b) in enumerate(zip(shape, rows_shape)) if a != b]
@@ -206,8 +207,9 @@ class RowTangents(TorchFunctionMode):
 
     def mixing(self, what: str) -> RowMixingError:
         """The error for an op that mixes the rows of the batch."""
+        label = self.op if self.op.startswith("<") else f"{self.op}()"
         return RowMixingError(
-            f"{self.op if self.op.startswith('<') else self.op + '()'} {what}: it acts along the batch dimension, so one sample's output would depend on other "
+            f"{label} {what}: it acts along the batch dimension, so one sample's output would depend on other "
             "samples'. The one-pass row tangent follows only ops that treat each sample on its own; keep this op off "
             "the batch dimension (or use the 'forward_ad' / 'full' JVP modes)."
         )
