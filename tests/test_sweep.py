@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -133,29 +134,45 @@ def test_shipped_sweeps_resolve_to_valid_configs():
             sweep.run_config(spec, run)
 
 
+def _fake_train(done: list, cfg, directory: Path, resume: bool) -> None:
+    """Stands for training: records the run and leaves a final checkpoint."""
+    done.append(directory)
+    save_checkpoint(directory / "checkpoints", cfg.train.steps, {"meta.json": {"step": cfg.train.steps}}, keep=1)
+
+
+def _fake_finish(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.json").write_text(json.dumps({"results": {"meanflow_1nfe": {"sliced_w2": 1.0}}}))
+
+
 def test_shards_split_the_runs_between_processes(tmp_path):
     spec, _ = sweep.load_spec(_spec(tmp_path, seeds=[0, 1, 2]))
     done = []
-
-    def fake_train(cfg, directory, resume):
-        done.append(directory)
-        save_checkpoint(directory / "checkpoints", cfg.train.steps, {"meta.json": {"step": cfg.train.steps}}, keep=1)
-
-    def fake_finish(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "metrics.json").write_text(json.dumps({"results": {"meanflow_1nfe": {"sliced_w2": 1.0}}}))
-
+    fake_train = functools.partial(_fake_train, done)
     out = tmp_path / "out"
-    sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=fake_finish, log=lambda _: None, shard=(1, 2))
+    sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=_fake_finish, log=lambda _: None, shard=(1, 2))
     every = [run.directory(out) for run in sweep.plan(spec)]
     assert done == every[1::2]
-    rows = sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=fake_finish, log=lambda _: None, shard=(0, 2))
+    rows = sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=_fake_finish, log=lambda _: None, shard=(0, 2))
     assert sorted(done) == sorted(every) and len(rows) == len(every)
     finished = []
     sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=finished.append, log=lambda _: None, rescore=True)
     assert finished == every and sorted(done) == sorted(every), "rescoring evaluates every finished run, trains none"
     with pytest.raises(ConfigError, match="shard 2/2 does not exist"):
         sweep.run_sweep(spec, out, shard=(2, 2))
+
+
+def test_a_seed_subset_trains_only_those_runs_and_shards_split_them(tmp_path):
+    spec, _ = sweep.load_spec(_spec(tmp_path, seeds=[0, 1, 2]))
+    done = []
+    fake_train = functools.partial(_fake_train, done)
+    out = tmp_path / "out"
+    sweep.run_sweep(spec, out, train_fn=fake_train, finish_fn=_fake_finish, log=lambda _: None, seeds=[2, 0], shard=(1, 2))
+    chosen = [run.directory(out) for run in sweep.plan(spec) if run.seed in (0, 2)]
+    assert done == chosen[1::2] and all(d.name in ("seed0", "seed2") for d in done)
+    for bad in ([3], []):
+        with pytest.raises(ConfigError, match=r"must be a non-empty subset of the spec's seeds \[0, 1, 2\]"):
+            sweep.run_sweep(spec, out, train_fn=fake_train, seeds=bad)
 
 
 def test_an_interrupted_run_stops_the_sweep_unevaluated(tmp_path):

@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--table-only", action="store_true", help="only (re)write the table and plots from the finished runs")
     p.add_argument("--rescore", action="store_true", help="evaluate finished runs again (after the evaluation changed)")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="run only runs I, I+N, I+2N, ... (N processes share a sweep)")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="train only these of the spec's seeds (e.g. --seeds 0 for a first pass); the table shows every finished run")
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{item.label} seed {item.seed}: {state} ({item.directory(out)})")
         return 0
     if not args.table_only:
-        sweep.run_sweep(spec, out, args.overrides, shard=_shard(args.shard), rescore=args.rescore)
+        seeds = None if args.seeds is None else _seeds(args.seeds)
+        sweep.run_sweep(spec, out, args.overrides, shard=_shard(args.shard), rescore=args.rescore, seeds=seeds)
     paths = sweep.write_summary(spec, out, title=spec.description or path.stem)
     print(paths["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -49,3 +52,10 @@ def _shard(text: str) -> tuple[int, int]:
     if not (index.isdigit() and count.isdigit()):
         raise ValueError(f"--shard must look like I/N (for example 0/2), got {text!r}")
     return int(index), int(count)
+
+
+def _seeds(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--seeds must be comma-separated seeds of the spec (for example 0 or 1,2), got {text!r}")
+    return [int(p) for p in parts]

@@ -139,14 +139,16 @@ def run_config(spec: SweepSpec, run: SweepRun, extra: list[str] = ()) -> Config:
 def run_sweep(
     spec: SweepSpec, out: str | Path, extra: list[str] = (), train_fn: Callable | None = None,
     finish_fn: Callable | None = None, log: Callable[[str], None] = print, shard: tuple[int, int] = (0, 1),
-    rescore: bool = False,
+    rescore: bool = False, seeds: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished run of ``spec`` under ``out``; return :func:`collect`'s rows.
 
     ``extra``: ``key=value`` overrides applied to every run after the spec's own (e.g. fewer steps).
     ``shard=(i, n)``: only runs number i, i + n, i + 2n, ... (n processes, each with its own i,
     share a sweep without touching each other's runs). ``rescore``: evaluate finished runs again
-    (after the evaluation changed) instead of skipping them. ``train_fn(cfg, out, resume)`` and
+    (after the evaluation changed) instead of skipping them. ``seeds``: train only the runs of these
+    of the spec's seeds (for example every grid point's first seed before the others; the shards
+    count the selected runs). ``train_fn(cfg, out, resume)`` and
     ``finish_fn(run_dir)`` default to the trainer and to an evaluation writing ``metrics.json``.
     """
     index, count = shard
@@ -155,7 +157,9 @@ def run_sweep(
     train_fn = train_fn or train
     finish_fn = finish_fn or write_metrics
     out = Path(out)
-    runs = plan(spec)
+    if seeds is not None and (not seeds or set(seeds) - set(spec.seeds)):
+        raise ConfigError(f"seeds {seeds} must be a non-empty subset of the spec's seeds {spec.seeds}")
+    runs = [run for run in plan(spec) if seeds is None or run.seed in seeds]
     configs = [run_config(spec, run, extra) for run in runs]  # validate every run before training any
     for i, (run, cfg) in enumerate(zip(runs, configs)):
         if i % count != index:
