@@ -121,6 +121,7 @@ def _trainer_worker(rank: int, world: int, port: int, out: str, overrides: list[
         trainer.train(load_config("toy", [*overrides, "train.steps=6"]), Path(out) / "full")
         trainer.train(load_config("toy", [*overrides, "train.steps=3"]), Path(out) / "stopped")
         trainer.train(load_config("toy", [*overrides, "train.steps=6"]), Path(out) / "stopped", resume=True)
+        trainer.train(load_config("toy", [*overrides, "train.steps=6", "train.precision=bf16"]), Path(out) / "bf16")
         dist.barrier()  # leave together (see _worker)
     finally:
         dist.destroy_process_group()
@@ -171,6 +172,22 @@ def test_stopped_and_resumed_fsdp_training_equals_the_uninterrupted_run(fsdp_run
     for i, state in full["optimizer"].items():
         for key, value in state.items():
             assert torch.equal(value, resumed["optimizer"][i][key]), (i, key)
+
+
+def test_fsdp_training_under_bf16_autocast_tracks_one_process(fsdp_runs, tmp_path, tiny_toy_overrides):
+    """FSDP2 with bf16 autocast trains fp32 weights that stay within bf16 rounding of the one-process bf16 run:
+    their median gap is below the one between that run and its fp32 twin (the rounding's own scale)."""
+    from meanflow.config import load_config
+    from meanflow.training.trainer import train
+
+    one = train(load_config("toy", [*_overrides(tiny_toy_overrides, 6), "train.precision=bf16"]), tmp_path / "one")
+    mine, theirs, fp32 = _checkpoint(one), _checkpoint(fsdp_runs / "bf16"), _checkpoint(fsdp_runs / "full")
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert all(v.dtype == torch.float32 for v in theirs[name].values())  # fp32 weights, bf16 only inside autocast
+        gap = torch.cat([(mine[name][k] - theirs[name][k]).abs().flatten() for k in mine[name]])
+        rounding = torch.cat([(mine[name][k] - fp32[name][k]).abs().flatten() for k in mine[name]])
+        assert float(rounding.median()) > 0 and float(gap.median()) < float(rounding.median()), name
+        assert float(gap.max()) < 1e-2, (name, float(gap.max()))
 
 
 def test_fsdp_refuses_a_loss_with_two_passes(tmp_path, tiny_toy_overrides):
