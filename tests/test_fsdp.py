@@ -96,7 +96,7 @@ def test_one_fsdp2_step_on_two_processes_equals_one_process(sharded_runs, mode, 
 def _overrides(tiny_toy_overrides: list[str], steps: int) -> list[str]:
     return [*tiny_toy_overrides, f"train.steps={steps}", "train.checkpoint_every=3", "train.batch_size=32", "train.log_every=3",
             "train.sample_every=3", "eval.baseline_ode_steps=2", "train.grad_clip=0.05", "train.ema_decays=[0.5, 0.9]",
-            "model.kwargs.dropout=0.0", "train.parallel=fsdp"]
+            "model.kwargs.dropout=0.0", "train.parallel=fsdp", "train.lr_decay=none"]  # a shorter run stands for a stop
 
 
 def _trainer_worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> None:
