@@ -1,4 +1,5 @@
-"""Gradient all-reduce overlapped with the backward pass (DistributedDataParallel) against the explicit one.
+"""Gradient all-reduce overlapped with the backward pass (DistributedDataParallel) against the explicit one,
+and FSDP2 sharding (what ``train.parallel=fsdp`` does) beside them.
 
     python benchmarks/bench_ddp.py [--model plain-dit] [--batch 64] [--repeats 11] [--json out.json]
 
@@ -11,9 +12,12 @@ barrier; rank 0 reports the median time of each variant and the median of the pe
 * ``explicit``: plain module, then ``meanflow.runtime.distributed.all_reduce_gradients`` (one
   flat all-reduce after the backward pass: what forward-mode AD requires);
 * ``ddp``: ``DistributedDataParallel`` (bucketed all-reduces launched while the backward pass
-  still runs).
+  still runs);
+* ``fsdp``: ``meanflow.runtime.distributed.shard_model`` (FSDP2: every block of the model's
+  ModuleLists and the root; parameters all-gathered per block, gradients reduce-scattered).
 
-Both variants are checked to give the same averaged gradients first.
+All variants are checked to give the same averaged gradients first; the report also gives the
+parameter and gradient bytes each rank holds (FSDP2 holds its shard: about 1 / world of them).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from meanflow import MeanFlowLoss
 from meanflow.models import create
 from meanflow.objectives import Shard
-from meanflow.runtime.distributed import all_reduce_gradients
+from meanflow.runtime.distributed import all_reduce_gradients, is_dtensor, shard_model
 from plain_dit import PlainDiT
 
 
@@ -56,10 +60,15 @@ def step(module, params, x, labels, rank: int, world: int, seed: int, explicit: 
     loss.backward()
     if explicit:
         all_reduce_gradients(module, world)
-    grads = [p.grad for p in params]
+    grads = [p.grad.full_tensor() if is_dtensor(p.grad) else p.grad for p in params]
     for p in params:
         p.grad = None
     return grads
+
+
+def held_bytes(params: list[torch.Tensor]) -> int:
+    """Bytes of parameters plus their gradients that this rank stores (the local shard of a DTensor)."""
+    return 2 * sum((p.to_local() if is_dtensor(p) else p).nbytes for p in params)
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -68,17 +77,20 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(1)
     x, labels = torch.randn(args.batch, 4, 16, 16), torch.randint(0, 10, (args.batch,))
-    plain, wrapped = build(args.model), build(args.model)
+    plain, wrapped, sharded = build(args.model), build(args.model), build(args.model)
     ddp = DistributedDataParallel(wrapped, forward_sync_buffers=False)
+    shard_model(sharded)
+    params = {"explicit": list(plain.parameters()), "ddp": list(wrapped.parameters()), "fsdp": list(sharded.parameters())}
     variants = {
-        "explicit": lambda seed: step(plain, list(plain.parameters()), x, labels, rank, world, seed, True),
-        "ddp": lambda seed: step(ddp, list(wrapped.parameters()), x, labels, rank, world, seed, False),
+        "explicit": lambda seed: step(plain, params["explicit"], x, labels, rank, world, seed, True),
+        "ddp": lambda seed: step(ddp, params["ddp"], x, labels, rank, world, seed, False),
+        "fsdp": lambda seed: step(sharded, params["fsdp"], x, labels, rank, world, seed, False),
     }
     first = {name: fn(0) for name, fn in variants.items()}
-    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(first["explicit"], first["ddp"]))
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for name in ("ddp", "fsdp") for a, b in zip(first["explicit"], first[name]))
     times = {name: [] for name in variants}
     for i in range(args.warmup + args.repeats):
-        for name in (list(variants) if i % 2 else list(variants)[::-1]):
+        for name in (list(variants) if i % 2 else list(variants)[::-1]):  # alternate the order round by round
             dist.barrier()
             start = time.perf_counter()
             variants[name](i + 1)
@@ -91,6 +103,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             "gradients_equal": same,
             "median_ms": {name: 1e3 * statistics.median(ts) for name, ts in times.items()},
             "ddp_over_explicit": statistics.median(d / e for d, e in zip(times["ddp"], times["explicit"])),
+            "fsdp_over_explicit": statistics.median(f / e for f, e in zip(times["fsdp"], times["explicit"])),
+            "held_mib_per_rank": {name: held_bytes(ps) / 2**20 for name, ps in params.items()},
         }
         print(json.dumps(report, indent=2))
         if args.json:
