@@ -67,7 +67,8 @@ def step(module, params, x, labels, rank: int, world: int, seed: int, explicit: 
 
 
 def held_bytes(params: list[torch.Tensor]) -> int:
-    """Bytes of parameters plus their gradients that this rank stores (the local shard of a DTensor)."""
+    """Bytes of parameters plus their gradients (each as large as its parameter) that this rank stores: the local
+    shard of a DTensor."""
     return 2 * sum((p.to_local() if is_dtensor(p) else p).nbytes for p in params)
 
 

@@ -88,7 +88,7 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels, cond)
         rows = draws.jvp_index
         tangent = v if self.tangent_velocity == "conditional" else model_velocity(model, z, draws.t, labels, rows, cond, v)
-        u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, rows, cond, tangent)
+        u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, rows, cond, tangent=tangent)
         return Targets(u=u, target=target, dudt=dudt, z=z, v=v, labels=labels, draws=draws, tangent=tangent)
 
     def jvp_target(self, model: Model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
@@ -97,15 +97,15 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
 
         The tangent (v, 0, 1) of (z, r, t) makes the JVP the total derivative d/dt u along the path.
         """
-        return self._regress(model, z, r, t, v, labels, torch.arange(z.shape[0], device=z.device))
+        return self._regress(model, z, r, t, v, labels, torch.arange(z.shape[0], device=z.device), tangent=v)
 
-    def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
-                 tangent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u, target and du/dt (B, ...) with the JVP on ``rows`` along ``tangent`` (B, ...) on z (default v);
+    def _regress(self, model: Model, z, r, t, v, labels, rows: torch.Tensor, cond: dict[str, torch.Tensor] | None = None, *,
+                 tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u, target and du/dt (B, ...) with the JVP on ``rows`` along ``tangent`` (B, ...) on z;
         target math in float32 (float64 for float64 z)."""
         dr, dt = TANGENTS[self.tangent]
-        along = (v if tangent is None else tangent)[rows].to(z.dtype)
-        out = jvp(model, z, r, t, labels, rows, Tangent(z=along, t=dt, r=dr), mode=self.jvp, conditioning=cond)
+        along = Tangent(z=tangent[rows].to(z.dtype), t=dt, r=dr)
+        out = jvp(model, z, r, t, labels, rows, along, mode=self.jvp, conditioning=cond)
         dtype = target_dtype(z)
         u, du = out.u.to(dtype), out.du.to(dtype)
         target = v.to(dtype).clone()
