@@ -14,12 +14,12 @@ from .base import (DeviceStats, LabelDropOptions, Model, Objective, Targets, Wei
                    num_classes, register, target_dtype, weighted_regression)
 from .draws import Shard, draw_batch
 from .guidance import GuidanceOptions
-from .path import conditional_velocity, interpolate
+from .path import VelocityOptions, interpolate
 from .time_samplers import TimeOptions
 
 
 @register
-class FlowMatchingLoss(Objective, WeightOptions, LabelDropOptions, GuidanceOptions, TimeOptions):
+class FlowMatchingLoss(Objective, WeightOptions, LabelDropOptions, GuidanceOptions, TimeOptions, VelocityOptions):
     """Flow Matching baseline: ``loss, stats = FlowMatchingLoss()(model, x, labels=None)``.
 
     Defaults to plain squared error (``weight_power = 0``): a fair baseline does not inherit
@@ -42,7 +42,8 @@ class FlowMatchingLoss(Objective, WeightOptions, LabelDropOptions, GuidanceOptio
         labels = drop_labels(checked_labels(model, labels, x.shape[0], x.device), draws.dropped, num_classes(model))
         self.check_guidance(model)
         z = interpolate(x, draws.noise, draws.t)
-        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels, cond)
+        v_path = self.path_velocity(x, draws.noise, draws.t, labels, num_classes(model), shard)
+        v = self.guided_velocity(model, z, draws.t, v_path, labels, cond)
         dtype = target_dtype(z)
         u = model(z, draws.t, draws.t, labels, **cond).to(dtype)
         target = v.to(dtype).detach()

@@ -10,7 +10,9 @@ Samples with r = t have u_tgt = v (the factor t - r vanishes), so du/dt is neede
 r != t part of the batch, a fixed count per batch; the JVP layer
 (:func:`meanflow.autodiff.jvp`, option ``jvp``) computes it for those rows only. With
 classifier-free guidance (:mod:`~meanflow.objectives.guidance`) v is replaced by the guided
-field v_g in the target *and* in the tangent.
+field v_g in the target *and* in the tangent. ``velocity="batch"`` replaces e - x by the
+batch estimate of the marginal velocity E[e - x | z_t] (:func:`~meanflow.objectives.path.marginal_velocity`),
+in the target and the tangent alike.
 
 ``tangent_velocity="model"`` takes the tangent's velocity from the network itself, v_hat =
 u(z, t, t) without gradient (as improved MeanFlow does with its v-head), and keeps v (or v_g) in
@@ -29,7 +31,7 @@ from .base import (DeviceStats, JVPOptions, LabelDropOptions, Model, Objective, 
                    drop_labels, num_classes, register, scatter_rows, target_dtype, weighted_regression)
 from .draws import Draws, Shard, draw_batch
 from .guidance import GuidanceOptions
-from .path import _expand, conditional_velocity, interpolate
+from .path import VelocityOptions, _expand, interpolate
 from .time_samplers import PairTimeOptions
 
 #: JVP tangents (dr, dt) beside v on z: the MeanFlow identity needs (v, 0, 1); the others are ablations
@@ -39,13 +41,13 @@ TANGENT_VELOCITIES = ("conditional", "model")
 
 
 @register
-class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, GuidanceOptions, PairTimeOptions):
+class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, GuidanceOptions, PairTimeOptions, VelocityOptions):
     """MeanFlow loss: ``loss, stats = MeanFlowLoss(ratio=0.25)(model, x, labels=None)``.
 
     Options (keyword arguments; the same names as the config's ``objective.*``): ``ratio``,
     the time sampler (``time_sampler``, ``mu``, ``sigma``, ``r_mu``, ``r_sigma``), guidance
     (``omega``, ``kappa``, ``t_start``, ``t_end``), ``label_drop``,
-    ``independent_label_drop``, ``tangent`` (ablation only), the adaptive weight (``weight_power``, ``weight_eps``) and
+    ``independent_label_drop``, ``tangent`` (ablation only), ``tangent_velocity``, ``velocity``, the adaptive weight (``weight_power``, ``weight_eps``) and
     ``jvp``. ``MeanFlowLoss.option_set()`` lists them with defaults and ranges.
 
     The model must be callable as ``model(z, r, t, labels)`` and, when labels are used, expose
@@ -85,7 +87,8 @@ class MeanFlowLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, Guida
         labels = drop_labels(checked_labels(model, labels, x.shape[0], x.device), draws.dropped, num_classes(model))
         self.check_guidance(model)
         z = interpolate(x, draws.noise, draws.t)
-        v = self.guided_velocity(model, z, draws.t, conditional_velocity(x, draws.noise), labels, cond)
+        v_path = self.path_velocity(x, draws.noise, draws.t, labels, num_classes(model), shard)
+        v = self.guided_velocity(model, z, draws.t, v_path, labels, cond)
         rows = draws.jvp_index
         tangent = v if self.tangent_velocity == "conditional" else model_velocity(model, z, draws.t, labels, rows, cond, v)
         u, target, dudt = self._regress(model, z, draws.r, draws.t, v, labels, rows, cond, tangent=tangent)

@@ -219,6 +219,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's rows (B, ...) concatenated in rank order, (world * B, ...); ``tensor`` itself without
+    a process group. Collective: every process must call it with the same B."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without torchrun)."""
     if not info.enabled:
