@@ -124,7 +124,8 @@ def test_config_objective_section_uses_the_objectives_declarations():
     with pytest.raises(ConfigError, match=r"objective\.jvp must be one of auto, dual, forward_ad, full"):
         load_config("toy", ["objective.jvp=fast"])
     # switching the kind of a preset keeps only the preset's options the new kind reads
-    assert load_config("toy", ["objective.kind=flow_matching"]).objective.options == {"time_sampler": "cifar_v1", "mu": -0.4, "sigma": 1.0, "weight_power": 0.0}
+    assert load_config("toy", ["objective.kind=flow_matching"]).objective.options == {"time_sampler": "cifar_v1", "mu": -0.4, "sigma": 1.0, "weight_power": 0.0,
+                                                                                     "velocity": "batch"}
 
 
 def _fd(model, z, r, t, dz, dr, dt, h=1e-6):
