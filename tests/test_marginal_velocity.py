@@ -57,6 +57,14 @@ def test_image_shaped_points_and_float32_keep_their_shape_and_dtype():
     torch.testing.assert_close(v, flat.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_autocast_leaves_the_float64_weights_alone():
+    gen = torch.Generator().manual_seed(7)
+    x, noise, t = torch.randn(64, 2, generator=gen), torch.randn(64, 2, generator=gen), torch.rand(64, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = marginal_velocity(x, noise, t)
+    assert torch.equal(under, marginal_velocity(x, noise, t))
+
+
 def test_near_the_data_it_is_the_per_sample_velocity():
     gen = torch.Generator().manual_seed(3)
     x, noise = torch.randn(16, 2, generator=gen), torch.randn(16, 2, generator=gen)
