@@ -114,6 +114,18 @@ def test_markdown_table_shows_a_spread_only_over_two_seeds_or_more():
     assert rows[1].endswith("| 0,1 | 0.5 ± 0.3536 [0.25, 0.75] |")
 
 
+def test_markdown_table_leaves_a_metric_blank_where_no_run_reports_it():
+    nan = float("nan")
+    entries = [{"point": {"x": k}, "seeds": [0, 1], "metrics": {"a": {"mean": 0.5, "std": 0.1, "values": [0.4, 0.6]},
+                                                              "b": {"mean": nan, "std": nan, "values": [nan, nan]}}}
+               for k in (1, 2)]
+    entries[1]["metrics"]["b"] = {"mean": 2.0, "std": nan, "values": [2.0, nan]}  # one seed lacks it: still shown
+    text = sweep.markdown_table(entries, ["a", "b"], ["x"], "t")
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert rows[0].endswith("| 0,1 | 0.5 ± 0.1 [0.4, 0.6] |  |")
+    assert "nan" in rows[1]
+
+
 def test_bad_specs_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="unknown key"):
         sweep.load_spec(_spec(tmp_path, grids={}))

@@ -277,6 +277,9 @@ def markdown_table(summary: list[dict[str, Any]], metrics: list[str], axes: list
         cells = [_text(point.get(a, "")) for a in axes] + [",".join(map(str, entry["seeds"]))]
         for name in metrics:
             m = entry["metrics"][name]
+            if all(math.isnan(v) for v in m["values"]):
+                cells.append("")  # no run of this point reports the metric (Flow Matching has no MeanFlow sampler)
+                continue
             raw = ", ".join(_fmt(v) for v in m["values"])
             spread = "" if len(m["values"]) < 2 else f" ± {_fmt(m['std'])}"  # one seed: no spread to show
             cells.append(f"{_fmt(m['mean'])}{spread} [{raw}]")
