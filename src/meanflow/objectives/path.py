@@ -50,9 +50,10 @@ def marginal_velocity(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, lab
     b = x.shape[0]
     xs = x.reshape(b, -1).double()  # (B, D)
     ps = xs if points is None else points.reshape(points.shape[0], -1).double()  # (M, D)
+    es = noise.reshape(b, -1).double()  # (B, D)
     tt = t.double().clamp_min(1e-12)[:, None]  # (B, 1)
-    z = (1 - tt) * xs + tt * noise.reshape(b, -1).double()  # (B, D)
     a = 1 - tt  # (B, 1)
+    z = a * xs + tt * es  # (B, D)
     sq = z.pow(2).sum(1, keepdim=True) - 2 * a * (z @ ps.T) + a.pow(2) * ps.pow(2).sum(1)  # (B, M): ||z_i - a_i x_j||^2
     logits = -sq / (2 * tt.pow(2))
     if labels is not None:
@@ -60,7 +61,7 @@ def marginal_velocity(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, lab
         allowed = (labels[:, None] == others[None, :]) | (labels[:, None] == null)  # (B, M)
         logits = logits.masked_fill(~allowed, float("-inf"))
     x_hat = torch.softmax(logits, dim=1) @ ps  # (B, D)
-    v_hat = (noise.reshape(b, -1).double() - xs) + (xs - x_hat) / tt
+    v_hat = (es - xs) + (xs - x_hat) / tt
     return v_hat.reshape(x.shape).to(x.dtype)
 
 
