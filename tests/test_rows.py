@@ -6,6 +6,7 @@ the plain call's.
 """
 from __future__ import annotations
 
+import gc
 import math
 import sys
 from pathlib import Path
@@ -254,14 +255,44 @@ def test_tangent_on_r_too():
     assert (du - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
-def test_activation_checkpointing_gives_the_same_tangent_and_gradients():
+def kept_bytes(fn):
+    """``fn()`` and the bytes of the tensors allocated during the call that are still alive after it.
+
+    From the profiler's allocation and free events (their net sum): the result, and what autograd
+    saved for backward. Tensors allocated before the call and freed during it do not count.
+    """
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        gc.collect()
+    return result, sum(event.self_cpu_memory_usage for event in prof.key_averages())
+
+
+def test_activation_checkpointing_gives_the_same_tangent_and_gradients_at_lower_memory():
+    """Checkpointed blocks (recomputed in backward, outside the row mode): the same du/dt and gradients.
+
+    Memory: the row pass keeps for backward exactly what a plain forward of the same model keeps,
+    plus its (n, ...) tangent (no tangent, no activation of a block held by the mode), so
+    checkpointing cuts it as it cuts the plain forward's; and the mode tracks only the live
+    inputs and output after the call.
+    """
     z, v, r, t, labels = model_inputs("dit_sdpa")
-    results = []
+    tangents, results, kept = (v[:N], torch.ones(N, **f64)), [], []
     for checkpoint in (False, True):
-        model = user_model("dit_sdpa", checkpoint=checkpoint)
-        out, du = row_jvp(lambda z_, t_: model(z_, r, t_, labels), (z, t), (v[:N], torch.ones(N, **f64)))
+        model, modes = user_model("dit_sdpa", checkpoint=checkpoint), []
+
+        def fn(z_, t_):
+            modes.append(torch.overrides._get_current_function_mode_stack()[-1])
+            return model(z_, r, t_, labels)
+
+        (out, du), row_pass = kept_bytes(lambda: row_jvp(fn, (z, t), tangents))
+        _, plain = kept_bytes(lambda: model(z, r, t, labels))
+        assert row_pass == plain + du.numel() * du.element_size()
+        assert modes[0].tracked() == 3  # z, t and the output
+        kept.append(row_pass)
         grads = torch.autograd.grad((out.square() * du.sum()).sum(), list(model.parameters()))
         results.append((out, du, torch.cat([g.flatten() for g in grads])))
+    assert len(model.blocks) == 2 and kept[1] < 0.3 * kept[0]  # measured: 0.16
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
