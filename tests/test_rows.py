@@ -268,8 +268,12 @@ def kept_bytes(fn):
     return result, sum(event.self_cpu_memory_usage for event in prof.key_averages())
 
 
-def test_activation_checkpointing_gives_the_same_tangent_and_gradients_at_lower_memory():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_activation_checkpointing_gives_the_same_tangent_and_gradients_at_lower_memory(dropout):
     """Checkpointed blocks (recomputed in backward, outside the row mode): the same du/dt and gradients.
+
+    With dropout in the blocks too: the recomputation restores the generator state and draws the
+    forward's masks again (the row mode leaves the generator as a plain call does).
 
     Memory: the row pass keeps for backward exactly what a plain forward of the same model keeps,
     plus its (n, ...) tangent (no tangent, no activation of a block held by the mode), so
@@ -279,7 +283,7 @@ def test_activation_checkpointing_gives_the_same_tangent_and_gradients_at_lower_
     z, v, r, t, labels = model_inputs("dit_sdpa")
     tangents, results, kept = (v[:N], torch.ones(N, **f64)), [], []
     for checkpoint in (False, True):
-        model, modes = user_model("dit_sdpa", checkpoint=checkpoint), []
+        model, modes = user_model("dit_sdpa", checkpoint=checkpoint, dropout=dropout).train(), []
 
         def fn(z_, t_):
             modes.append(torch.overrides._get_current_function_mode_stack()[-1])
