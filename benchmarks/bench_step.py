@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py --device cpu [--check] [--json out.json]
     python benchmarks/bench_step.py --device cpu --preset plain --threads 2   # a user's plain-PyTorch DiT
+    python benchmarks/bench_step.py --device cpu --preset checkpoint   # that DiT with and without activation checkpointing
     python benchmarks/bench_step.py --device cuda --preset gpu --json bench_gpu.json [--amp bf16] [--compile]
 
 For every case (model preset, input shape, batch, attention backend) one model, one optimizer and
@@ -80,9 +81,11 @@ PRESETS = {
     "gpu": (Case("dit-b/4", 4, 32, 256, 1000), Case("unet-cifar10", 3, 32, 128)),
     # a user's DiT (benchmarks/plain_dit.py, the size of dit-tiny/2) with SDPA or spelled-out attention, and ours
     "plain": (Case("plain-dit", 4, 16, 64, 10), Case("plain-dit-math", 4, 16, 64, 10), Case("dit-tiny/2", 4, 16, 64, 10)),
+    # the same DiT with torch.utils.checkpoint around each block (recomputed in backward) and without
+    "checkpoint": (Case("plain-dit", 4, 16, 64, 10), Case("plain-dit-ckpt", 4, 16, 64, 10)),
 }
 # plain-PyTorch models (not in the library's registry): name -> PlainDiT options
-PLAIN_MODELS = {"plain-dit": dict(fused=True), "plain-dit-math": dict(fused=False)}
+PLAIN_MODELS = {"plain-dit": dict(fused=True), "plain-dit-math": dict(fused=False), "plain-dit-ckpt": dict(fused=True, checkpoint=True)}
 # --check: ratios to the Flow Matching step on the first (DiT) case.
 TARGETS = {"mf25_time": 1.12, "mf75_time": 1.40, "memory": 1.05, "sampling": 0.95}
 
