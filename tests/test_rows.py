@@ -296,7 +296,7 @@ def test_activation_checkpointing_gives_the_same_tangent_and_gradients_at_lower_
         kept.append(row_pass)
         grads = torch.autograd.grad((out.square() * du.sum()).sum(), list(model.parameters()))
         results.append((out, du, torch.cat([g.flatten() for g in grads])))
-    assert len(model.blocks) == 2 and kept[1] < 0.3 * kept[0]  # measured: 0.16
+    assert len(model.blocks) == 2 and kept[1] < 0.3 * kept[0]  # measured: 0.16 (0.14 with dropout)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
