@@ -80,6 +80,31 @@ def test_image_folder_classes_resize_and_channels(tmp_path):
     assert gray.x.shape == (3, 1, 8, 8)
 
 
+def test_image_folder_decodes_one_image_at_a_time(tmp_path, monkeypatch):
+    """A folder of large photos must not be held decoded at full size: each is resized before the next is read."""
+    import weakref
+
+    from meanflow.data import images as images_module
+
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        _save_image(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    opened, alive_at_open = [], []
+    real_open = images_module._open_image
+
+    def counting_open(file, *args, **kwargs):
+        alive_at_open.append(sum(ref() is not None for ref in opened))
+        image = real_open(file, *args, **kwargs)
+        if kwargs.get("decode", args[0] if args else True):
+            opened.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(images_module, "_open_image", counting_open)
+    data = load_image_folder(tmp_path / "imgs", image_size=8)
+    assert data.x.shape == (6, 3, 8, 8) and len(opened) == 6
+    assert max(alive_at_open) == 0  # the previous full-size image is gone when the next file is opened
+
+
 def test_flat_grayscale_folder_keeps_pixels(tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (2, 6, 6), dtype=np.uint8)
     for i, image in enumerate(pixels):

@@ -25,6 +25,7 @@ from .arrays import check_labels, read_array_file
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_DEFAULT_SIZE = 16
 _NPZ_IMAGE_KEYS = ("x", "images", "arr_0")
+GRAY_MODES = ("1", "L", "I", "I;16", "F")  # PIL modes read as one channel
 # torchvision class and the folder it expects under the root directory
 _TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "mnist": ("MNIST", "MNIST/raw")}
 
@@ -106,10 +107,9 @@ def load_image_folder(path: str | Path, image_size: int | None = None, channels:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     _check_size(image_size)
     files, labels, classes = _list_image_files(root)
-    pictures = [_open_image(file) for file in files]
-    if channels is None:
-        channels = 1 if all(p.mode in ("1", "L", "I", "I;16", "F") for p in pictures) else 3
-    arrays = [_image_array(p, channels, image_size) for p in pictures]
+    if channels is None:  # from the file headers: no image is decoded twice or kept at full size
+        channels = 1 if all(_open_image(file, decode=False).mode in GRAY_MODES for file in files) else 3
+    arrays = [read_image(file, channels, image_size) for file in files]  # one decoded image alive at a time
     _check_same_size(arrays, files)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, S, S)
     label_tensor = torch.tensor(labels, dtype=torch.int64) if classes else None
@@ -163,12 +163,15 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _open_image(file: Path):
+def _open_image(file: Path, decode: bool = True):
+    """The PIL image of a file, decoded (its pixels in memory, the file closed) or, with ``decode=False``,
+    only its header (mode and size; the file closed, pixels not read)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(file) as image:
-            image.load()
+            if decode:
+                image.load()
             return image
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image file {str(file)!r}: {err}") from err
