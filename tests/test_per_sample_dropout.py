@@ -21,7 +21,7 @@ from meanflow import MeanFlowLoss
 from meanflow.models import create
 from meanflow.objectives import Shard
 from meanflow.runtime import checkpoint as ckpt
-from meanflow.runtime.per_sample import PerSampleDropout, model_rows, uniform
+from meanflow.runtime.per_sample import PerSampleDropout, model_rows, no_recomputed_dropout, uniform
 
 from conftest import free_port
 
@@ -146,6 +146,51 @@ def test_a_dropout_that_does_not_see_the_batch_first_is_an_error():
         F.dropout(torch.ones(3, 4), 0.1, True)
     with PerSampleDropout(0, 0, torch.arange(4), 4), pytest.raises(NotImplementedError, match="alpha_dropout"):
         F.alpha_dropout(torch.ones(4, 2), 0.1, True)
+
+
+class CheckpointedPoints(nn.Module):
+    """A user's point model: one residual block with dropout, under activation checkpointing."""
+
+    num_classes = 0
+
+    def __init__(self, dim: int = 2, width: int = 32, dropout: float = 0.2, num_classes: int = 0):
+        super().__init__()
+        self.inp, self.out = nn.Linear(dim + 2, width), nn.Linear(width, dim)
+        self.block = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout))
+
+    def forward(self, z, r, t, labels=None):
+        h = self.inp(torch.cat([z, r[:, None], t[:, None]], dim=1))
+        h = h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+        return self.out(h)
+
+
+def test_checkpointed_dropout_is_recomputed_in_backward_and_refused():
+    """Backward under no_recomputed_dropout: a checkpointed block with dropout raises, one without dropout does not."""
+    x = torch.randn(8, 2)
+    for dropout, fails in ((0.2, True), (0.0, False)):
+        model = CheckpointedPoints(dropout=dropout).train()
+        with PerSampleDropout(0, 1, torch.arange(8), 8) as mode:
+            out = model(x, torch.zeros(8), torch.ones(8))
+        assert mode.masks_drawn == fails
+        with no_recomputed_dropout(mode):
+            if fails:
+                with pytest.raises(RuntimeError, match="mask was drawn during the backward pass.*Set the model's dropout to 0"):
+                    out.square().sum().backward()
+            else:
+                out.square().sum().backward()
+
+
+def test_training_refuses_checkpointed_dropout(tmp_path, tiny_toy_overrides, monkeypatch):
+    """Through the trainer (a registered user model): the step fails with the error instead of wrong gradients."""
+    from meanflow.config import load_config
+    from meanflow.models import registry
+    from meanflow.training.trainer import train
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register("ckpt-points", registry.Family(CheckpointedPoints, input_kind="points", example={"dim": 2}))(CheckpointedPoints)
+    overrides = [*tiny_toy_overrides, "model.name=ckpt-points", "model.kwargs={}", "train.steps=2"]
+    with pytest.raises(RuntimeError, match="activation checkpointing"):
+        train(load_config("toy", overrides), tmp_path / "run")
 
 
 # ---- one process against two -------------------------------------------------------------------

@@ -18,10 +18,11 @@ forward in a step gets the same key.
 
 Because the key comes from the default generator, code that replays a draw inside the forward
 by saving and restoring the generator state (a row-tangent rule that re-runs dropout on ones)
-gets the same mask again. Activation checkpointing, whose recomputation runs in the backward pass
-outside this mode, is not covered. Randomness drawn in the model by other means (``torch.rand``
-on the default generator, ``alpha_dropout``) is not made per-sample; ``alpha_dropout`` and
-``feature_alpha_dropout`` raise.
+gets the same mask again. Activation checkpointing recomputes its blocks in the backward pass,
+outside this mode, where a dropout would draw an ordinary mask and the gradients would be wrong:
+the trainer runs backward under :func:`no_recomputed_dropout`, which makes that an error.
+Randomness drawn in the model by other means (``torch.rand`` on the default generator,
+``alpha_dropout``) is not made per-sample; ``alpha_dropout`` and ``feature_alpha_dropout`` raise.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .seeding import STREAMS, derive_seed
 
@@ -58,6 +60,7 @@ class PerSampleDropout(TorchFunctionMode):
         self.seed = derive_seed(seed, step, STREAMS["dropout"])
         self.base, self.total = rows.long(), int(total)
         self.current = self.base
+        self.masks_drawn = False  # whether a dropout mask was drawn (then backward must not recompute one)
 
     def __enter__(self) -> "PerSampleDropout":
         torch.manual_seed(self.seed)
@@ -79,6 +82,7 @@ class PerSampleDropout(TorchFunctionMode):
             return func(*args, **kwargs)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.masks_drawn = True
         tail = x.shape[1:] if func in _ELEMENTWISE else (*x.shape[1:2], *([1] * (x.ndim - 2)))
         keep = uniform(_key(x.device), self.row_ids(x.shape[0]).to(x.device), tuple(tail)) >= p  # (B', *tail)
         scale = keep.to(x.dtype) / (1.0 - p) if p < 1.0 else keep.to(x.dtype)
@@ -119,6 +123,37 @@ def model_rows(index: Tensor | None) -> Iterator[None]:
         yield
     finally:
         mode.current = previous
+
+
+class _NoRecomputedDropout(TorchDispatchMode):
+    """Raises on a random-mask op during backward: there it is a checkpointed block's dropout being recomputed.
+
+    A dispatch mode, because backward's own ops (and the recomputation inside them) never reach a
+    torch-function mode: ``loss.backward()`` is itself the intercepted call. Backward formulas draw
+    no random numbers, so a Bernoulli draw there comes from recomputed forward code.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _MASK_DRAWS:
+            raise RuntimeError(
+                "a dropout mask was drawn during the backward pass: activation checkpointing (torch.utils.checkpoint) "
+                "recomputes a block with dropout there, where the mask would differ from the per-sample mask of the "
+                "forward pass and the gradients would be wrong. Set the model's dropout to 0 in checkpointed blocks, "
+                "or train without activation checkpointing."
+            )
+        return func(*args, **(kwargs or {}))
+
+
+_MASK_DRAWS = (torch.ops.aten.bernoulli, torch.ops.aten.bernoulli_, torch.ops.aten.native_dropout)
+
+
+def no_recomputed_dropout(mode: PerSampleDropout) -> contextlib.AbstractContextManager:
+    """Context for the backward pass of a forward run under ``mode``: a recomputed dropout is an error.
+
+    Free when the forward drew no dropout mask (nothing to guard); otherwise every op of the
+    backward pass goes through one Python check.
+    """
+    return _NoRecomputedDropout() if mode.masks_drawn else contextlib.nullcontext()
 
 
 def uniform(key: Tensor, rows: Tensor, tail: tuple[int, ...]) -> Tensor:
@@ -162,4 +197,4 @@ def _dropout_args(args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]
     return values["input"], float(values.get("p", 0.5)), bool(values.get("training", True)), bool(values.get("inplace", False))
 
 
-__all__ = ["PerSampleDropout", "model_rows", "uniform"]
+__all__ = ["PerSampleDropout", "model_rows", "no_recomputed_dropout", "uniform"]
