@@ -1,6 +1,7 @@
 """Where the row tangent's time goes on the plain DiT: one ``row_jvp`` pass against a plain forward.
 
     python benchmarks/profile_rows.py [--rows 48] [--batch 64] [--threads 1] [--repeats 7]
+    python benchmarks/profile_rows.py --fixed [--repeats 31]
 
 Prints the time of a row pass (the forward of the whole batch with the tangent of its first
 ``--rows`` rows, as MeanFlow's ``jvp="rows"`` runs it) over a plain forward with gradient
@@ -17,6 +18,7 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 from meanflow.autodiff.rows import row_jvp
@@ -52,6 +54,49 @@ def self_times(fn: Callable[[], object]) -> tuple[dict[str, float], int]:
     return times, sum(event.cpu_parent is None for event in prof.events())
 
 
+class BareMode(TorchFunctionMode):
+    """Runs every torch call, then the same call once more on the first row of its batched arguments, kept aside."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch, self.kept = batch, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.ndim and out.shape[0] == self.batch:
+            row = [a.narrow(0, 0, 1) if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == self.batch else a
+                   for a in args]
+            with torch.no_grad():
+                try:
+                    self.kept[id(out)] = func(*row, **kwargs)
+                except (RuntimeError, TypeError, ValueError, IndexError):
+                    pass  # an op whose other arguments need the whole batch (a reshape to B x ...): no second call
+        return out
+
+
+def fixed_costs(batch: int, repeats: int) -> None:
+    """Print the row-independent cost of the row tangent: CPU ms per forward, one thread, minimum over rounds."""
+    torch.set_num_threads(1)
+    rows_pass, plain = build(batch, 1)
+
+    def bare() -> None:
+        with BareMode(batch):
+            plain()
+
+    calls = {"plain forward": plain, "row pass, 1 tangent row": rows_pass, "bare mode (op again on 1 row)": bare}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            start = time.process_time()
+            fn()
+            if round_:
+                times[name].append(time.process_time() - start)
+    base = min(times["plain forward"])
+    for name, values in times.items():
+        print(f"{name:<32} {1000 * min(values):8.1f} ms CPU  (+{1000 * (min(values) - base):.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48)
@@ -59,7 +104,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--fixed", action="store_true", help="measure the row-independent cost instead (one thread)")
     args = parser.parse_args()
+    if args.fixed:
+        fixed_costs(args.batch, args.repeats)
+        return
     torch.set_num_threads(args.threads)
     rows_pass, plain = build(args.batch, args.rows)
     ratios = []
