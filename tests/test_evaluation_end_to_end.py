@@ -201,3 +201,60 @@ def test_eval_fid_stats_of_an_image_run_recomputed(tmp_path, monkeypatch):
     assert entry["inception_score"] == pytest.approx(score, rel=1e-6)
     assert entry["inception_score_std"] == pytest.approx(spread, rel=1e-6, abs=1e-9)
     assert 0 <= entry["class_accuracy"] <= 1 and entry["digits_fd"] > 0
+
+
+# ---- images: the evaluation at the end of meanflow train ------------------------------------------
+
+FOLDER_RUN = ["train", "--config", "digits", "data.name=folder", "data.image_size=8", "train.steps=2", "train.batch_size=8",
+              "train.checkpoint_every=2", "train.device=cpu", "train.ema_decays=[0.5]", "eval.num_samples=20",
+              "eval.batch_size=16", "eval.steps=[1]", "model.kwargs={model_channels: 8, attn_resolutions: []}"]
+
+
+def _photo_folder(root: Path) -> Path:
+    """A user's photos: two class folders of grayscale images of assorted sizes (resized to 8x8 on loading)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (10 + i, 12, 1), dtype=np.uint8)[..., 0]).save(root / label / f"{i}.png")
+    return root
+
+
+def test_train_on_an_image_folder_without_statistics_ends_with_a_preview_and_a_note(tmp_path, capsys):
+    """No metric applies (not digits, no eval.fid_stats): the run still exits 0, with the preview and what to do."""
+    run = tmp_path / "run"
+    assert main([*FOLDER_RUN, f"data.path={_photo_folder(tmp_path / 'photos')}", "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["results"] == {} and "eval.fid_stats=REF.npz" in metrics["note"] and (run / "samples.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run)]) == 2  # asked for explicitly, nothing to compute is an error
+    assert "no image metric applies" in capsys.readouterr().err
+
+
+def test_train_with_eval_fid_stats_scores_fid_as_meanflow_eval_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation_images, "InceptionFeatures", ProjectionFeatures)
+    rng = np.random.default_rng(1)
+    root = rng.normal(size=(6, 6)) * 0.3
+    np.savez(tmp_path / "ref.npz", mu=rng.normal(size=6) * 0.1, sigma=root @ root.T)
+    run = tmp_path / "run"
+    assert main([*FOLDER_RUN, f"data.path={_photo_folder(tmp_path / 'photos')}", f"eval.fid_stats={tmp_path / 'ref.npz'}",
+                 "--out", str(run)]) == 0
+    at_end = json.loads((run / "metrics.json").read_text())["results"]["meanflow_1nfe"]
+    assert main(["eval", "--run", str(run), "--fid-stats", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())["results"]["meanflow_1nfe"]
+    assert at_end["fid"] > 0 and at_end["fid"] == again["fid"] and at_end["inception_score"] == again["inception_score"]
+
+
+@pytest.mark.parametrize("data, message", [("image", "no such file"), ("points", "apply to image runs")])
+def test_eval_fid_stats_is_checked_before_training(tmp_path, capsys, data, message):
+    if data == "image":
+        args = [*FOLDER_RUN, f"data.path={_photo_folder(tmp_path / 'photos')}", f"eval.fid_stats={tmp_path / 'missing.npz'}"]
+    else:
+        np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+        args = ["train", "--config", "toy", "train.steps=2", f"eval.fid_stats={tmp_path / 'ref.npz'}"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("checkpoints/*"))  # refused before the first step

@@ -161,6 +161,7 @@ class EvalConfig:
     baseline_ode_steps: int = setting(100, above=0)
     omega: float | None = None  # iMF-style models: guidance scale of the evaluation (null: the model's own default)
     interval: list | None = None  # iMF-style models: guidance interval [t_min, t_max] (null: the model's own default)
+    fid_stats: str | None = None  # images: reference statistics (meanflow fid-stats) for FID / IS of the run's evaluation
 
 
 @_declared

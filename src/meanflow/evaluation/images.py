@@ -23,6 +23,16 @@ from ..runtime.distributed import DistInfo, gather_objects
 from ..sampling import decode_samples, guidance_inputs, iterate_samples, nfe
 
 
+NO_IMAGE_METRIC = ("no image metric applies without reference statistics: make them with `meanflow fid-stats SOURCE "
+                   "--out REF.npz` and set eval.fid_stats=REF.npz (or pass --fid-stats REF.npz to meanflow eval) for "
+                   "FID / IS; digits runs are scored by the digits classifier without them")
+
+
+def image_metrics(data_name: str, fid_stats: str | None) -> tuple[str, ...]:
+    """The feature spaces an image run is scored in: ``digits`` (digits data) and ``inception`` (with FID statistics)."""
+    return (("digits",) if data_name == "digits" else ()) + (("inception",) if fid_stats else ())
+
+
 def evaluate_images(
     model: nn.Module, meta: dict, train_set: Dataset, reference: Dataset | None, plan: list[tuple[str, int]],
     num: int, seed: int, info: DistInfo, fid_stats: str | None = None, inception_weights: str | None = None,
@@ -37,13 +47,14 @@ def evaluate_images(
     Returns {name: metrics} on rank 0 and {} on the other ranks.
     """
     data = meta["data"]
+    metrics = image_metrics(data["name"], fid_stats)
+    if not metrics:
+        raise ValueError(NO_IMAGE_METRIC)
     extractors = {}
-    if data["name"] == "digits":
+    if "digits" in metrics:
         extractors["digits"] = DigitsClassifier.load_or_train()
-    if fid_stats:
+    if "inception" in metrics:
         extractors["inception"] = InceptionFeatures(weights_path=inception_weights, device=info.device)
-    if not extractors:
-        raise ValueError("no image metric applies: pass --fid-stats REF.npz (FID / IS), or evaluate a digits run")
     real_stats = _digits_reference(extractors["digits"], reference or train_set) if "digits" in extractors else None
     results = {}
     for method, steps in plan:

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from .. import objectives
-from ..config import load_config
+from ..config import Config, load_config
 from ..data import load_dataset
 from ..metrics.pointcloud import class_sliced_wasserstein, energy_distance, histogram_tv, sliced_wasserstein
 from ..models.loading import OFFICIAL_SUFFIXES, load_model
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
 from ..sampling import generate, nfe
-from .images import evaluate_images
+from .images import NO_IMAGE_METRIC, evaluate_images, image_metrics
 from .preview import preview_plan, save_preview
 
 
@@ -89,11 +89,19 @@ def check_options_apply(data: dict[str, Any], fid_stats: str | None = None, ince
                          "add --fid-stats or drop --inception-weights")
 
 
+def check_eval_config(cfg: Config, data_kind: str) -> None:
+    """Before training: the run's own evaluation options fit its data (``eval.fid_stats``: image data, an existing file)."""
+    check_options_apply({"kind": data_kind, "name": cfg.data.name}, fid_stats=cfg.eval.fid_stats)
+    if cfg.eval.fid_stats and not Path(cfg.eval.fid_stats).is_file():
+        raise FileNotFoundError(f"eval.fid_stats={cfg.eval.fid_stats!r}: no such file; make it with `meanflow fid-stats "
+                                "SOURCE --out REF.npz`, or set eval.fid_stats=null")
+
+
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,
                  ema: bool | None = None, device: str | torch.device = "cpu", method: str | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None, batch_size: int | None = None,
                  info=None, save_samples: str | None = None, preview: Path | None = None, omega: float | None = None,
-                 interval: tuple[float, float] | None = None) -> dict[str, Any]:
+                 interval: tuple[float, float] | None = None, allow_unscored: bool = False) -> dict[str, Any]:
     """Score a run's checkpoint against its held-out reference data; returns a JSON-able dict.
 
     Points: sliced W2 / energy distance for MeanFlow at each k in ``steps`` and the ODE baseline.
@@ -106,7 +114,10 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     ``eval.interval``, and where those are null the model's own defaults.
     A released iMF checkpoint (``*.pth``) has no run around it: it is scored with FID / IS against
     ``fid_stats`` at ``steps`` (default 1) NFE on ``num`` (default 50000) samples.
-    ``ema``: EMA (True) or raw (False) weights; None takes the run's ``eval.ema``.
+    ``ema``: EMA (True) or raw (False) weights; None takes the run's ``eval.ema``; ``fid_stats``
+    None takes the run's ``eval.fid_stats``.
+    ``allow_unscored``: an image run that no metric applies to (not digits, no FID statistics) gets
+    empty results and a ``note`` saying how to score it, instead of an error (the end of training).
     """
     info = info or D.setup(str(device))
     if Path(run).suffix in OFFICIAL_SUFFIXES:
@@ -116,6 +127,7 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     cfg = load_config(str(directory / "config.yaml"))
     ema = cfg.eval.ema if ema is None else ema
     guidance = {"omega": cfg.eval.omega if omega is None else omega, "interval": cfg.eval.interval if interval is None else interval}
+    fid_stats = cfg.eval.fid_stats if fid_stats is None else fid_stats
     model, meta = load_model(directory, ema=ema, device=info.device)
     check_options_apply(meta["data"], fid_stats=fid_stats, inception_weights=inception_weights, save_samples=save_samples)
     steps = steps or cfg.eval.steps
@@ -137,6 +149,8 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
                                   batch_size=batch_size or cfg.eval.batch_size, reference_labels=ref_labels,
                                   train_labels=floor_labels, **guidance)
         return {**header, "results": results}
+    if allow_unscored and not image_metrics(cfg.data.name, fid_stats):
+        return {**header, "results": {}, "note": NO_IMAGE_METRIC}
     options = dict(fid_stats=fid_stats, inception_weights=inception_weights, batch_size=batch_size or cfg.eval.batch_size,
                    save_samples=save_samples, **guidance)
     return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}

@@ -26,6 +26,7 @@ from ..data.augment import LABEL_DIM, EDMAugment
 from ..data.base import Dataset
 from ..data.loader import step_batches
 from ..evaluation.preview import preview_plan, save_preview
+from ..evaluation.run import check_eval_config
 from ..models.loading import build_model, model_spec
 from ..models.pretrained import PretrainedError, load_pretrained
 from ..models.weights import state_mismatch
@@ -74,6 +75,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     fsdp = _fsdp(cfg, info)
     _prepare_out(out, info, resume)
     train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
+    check_eval_config(cfg, train_set.kind)  # the evaluation after training must not fail on its options
     augment = _augmenter(cfg, train_set)
     spec = model_spec(cfg.model, tuple(train_set.sample_shape), train_set.num_classes, LABEL_DIM if augment else 0)
     torch.manual_seed(derive_seed(cfg.seed, -1))  # same initial weights on every rank and every run
