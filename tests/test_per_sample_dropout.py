@@ -21,7 +21,7 @@ from meanflow import MeanFlowLoss
 from meanflow.models import create
 from meanflow.objectives import Shard
 from meanflow.runtime import checkpoint as ckpt
-from meanflow.runtime.per_sample import PerSampleDropout, model_rows, no_recomputed_dropout, uniform
+from meanflow.runtime.per_sample import PerSampleDropout, model_rows, uniform
 
 from conftest import free_port
 
@@ -164,20 +164,17 @@ class CheckpointedPoints(nn.Module):
         return self.out(h)
 
 
-def test_checkpointed_dropout_is_recomputed_in_backward_and_refused():
-    """Backward under no_recomputed_dropout: a checkpointed block with dropout raises, one without dropout does not."""
+def test_dropout_inside_activation_checkpointing_is_refused():
+    """Its recomputation in backward would draw another mask: an error in the forward pass; without dropout, no error."""
     x = torch.randn(8, 2)
-    for dropout, fails in ((0.2, True), (0.0, False)):
+    for dropout in (0.2, 0.0):
         model = CheckpointedPoints(dropout=dropout).train()
-        with PerSampleDropout(0, 1, torch.arange(8), 8) as mode:
-            out = model(x, torch.zeros(8), torch.ones(8))
-        assert mode.masks_drawn == fails
-        with no_recomputed_dropout(mode):
-            if fails:
-                with pytest.raises(RuntimeError, match="mask was drawn during the backward pass.*Set the model's dropout to 0"):
-                    out.square().sum().backward()
+        with PerSampleDropout(0, 1, torch.arange(8), 8):
+            if dropout:
+                with pytest.raises(RuntimeError, match="inside activation checkpointing.*Set the model's dropout to 0"):
+                    model(x, torch.zeros(8), torch.ones(8))
             else:
-                out.square().sum().backward()
+                model(x, torch.zeros(8), torch.ones(8)).square().sum().backward()
 
 
 def test_training_refuses_checkpointed_dropout(tmp_path, tiny_toy_overrides, monkeypatch):

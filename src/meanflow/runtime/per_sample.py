@@ -20,7 +20,7 @@ Because the key comes from the default generator, code that replays a draw insid
 by saving and restoring the generator state (a row-tangent rule that re-runs dropout on ones)
 gets the same mask again. Activation checkpointing recomputes its blocks in the backward pass,
 outside this mode, where a dropout would draw an ordinary mask and the gradients would be wrong:
-the trainer runs backward under :func:`no_recomputed_dropout`, which makes that an error.
+a dropout inside ``torch.utils.checkpoint`` is therefore an error in the forward pass.
 Randomness drawn in the model by other means (``torch.rand`` on the default generator,
 ``alpha_dropout``) is not made per-sample; ``alpha_dropout`` and ``feature_alpha_dropout`` raise.
 """
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .seeding import STREAMS, derive_seed
 
@@ -60,7 +61,6 @@ class PerSampleDropout(TorchFunctionMode):
         self.seed = derive_seed(seed, step, STREAMS["dropout"])
         self.base, self.total = rows.long(), int(total)
         self.current = self.base
-        self.masks_drawn = False  # whether a dropout mask was drawn (then backward must not recompute one)
 
     def __enter__(self) -> "PerSampleDropout":
         torch.manual_seed(self.seed)
@@ -82,7 +82,13 @@ class PerSampleDropout(TorchFunctionMode):
             return func(*args, **kwargs)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-        self.masks_drawn = True
+        if _inside_checkpoint():
+            raise RuntimeError(
+                f"{func.__name__} inside activation checkpointing (torch.utils.checkpoint): the block is recomputed in the "
+                "backward pass, outside this step's per-sample dropout, so its mask there would differ from the forward "
+                "pass's and the gradients would be wrong. Set the model's dropout to 0 in checkpointed blocks, or train "
+                "without activation checkpointing."
+            )
         tail = x.shape[1:] if func in _ELEMENTWISE else (*x.shape[1:2], *([1] * (x.ndim - 2)))
         keep = uniform(_key(x.device), self.row_ids(x.shape[0]).to(x.device), tuple(tail)) >= p  # (B', *tail)
         scale = keep.to(x.dtype) / (1.0 - p) if p < 1.0 else keep.to(x.dtype)
@@ -125,35 +131,17 @@ def model_rows(index: Tensor | None) -> Iterator[None]:
         mode.current = previous
 
 
-class _NoRecomputedDropout(TorchDispatchMode):
-    """Raises on a random-mask op during backward: there it is a checkpointed block's dropout being recomputed.
-
-    A dispatch mode, because backward's own ops (and the recomputation inside them) never reach a
-    torch-function mode: ``loss.backward()`` is itself the intercepted call. Backward formulas draw
-    no random numbers, so a Bernoulli draw there comes from recomputed forward code.
-    """
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in _MASK_DRAWS:
-            raise RuntimeError(
-                "a dropout mask was drawn during the backward pass: activation checkpointing (torch.utils.checkpoint) "
-                "recomputes a block with dropout there, where the mask would differ from the per-sample mask of the "
-                "forward pass and the gradients would be wrong. Set the model's dropout to 0 in checkpointed blocks, "
-                "or train without activation checkpointing."
-            )
-        return func(*args, **(kwargs or {}))
+def _inside_checkpoint() -> bool:
+    """Whether the caller runs inside ``torch.utils.checkpoint`` (a frame of that module on the Python stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
 
 
-_MASK_DRAWS = (torch.ops.aten.bernoulli, torch.ops.aten.bernoulli_, torch.ops.aten.native_dropout)
-
-
-def no_recomputed_dropout(mode: PerSampleDropout) -> contextlib.AbstractContextManager:
-    """Context for the backward pass of a forward run under ``mode``: a recomputed dropout is an error.
-
-    Free when the forward drew no dropout mask (nothing to guard); otherwise every op of the
-    backward pass goes through one Python check.
-    """
-    return _NoRecomputedDropout() if mode.masks_drawn else contextlib.nullcontext()
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 
 def uniform(key: Tensor, rows: Tensor, tail: tuple[int, ...]) -> Tensor:
@@ -197,4 +185,4 @@ def _dropout_args(args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]
     return values["input"], float(values.get("p", 0.5)), bool(values.get("training", True)), bool(values.get("inplace", False))
 
 
-__all__ = ["PerSampleDropout", "model_rows", "no_recomputed_dropout", "uniform"]
+__all__ = ["PerSampleDropout", "model_rows", "uniform"]

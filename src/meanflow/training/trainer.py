@@ -33,7 +33,7 @@ from ..models.weights import state_mismatch
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
-from ..runtime.per_sample import PerSampleDropout, no_recomputed_dropout
+from ..runtime.per_sample import PerSampleDropout
 from ..sampling import guidance_inputs
 from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
 from .builders import build_loss, build_optimizer, learning_rate, load_optimizer_state
@@ -114,15 +114,13 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             x, labels, cond = _batch(*next(batches), step, info, cfg, augment)
             loss_fn = next(loss for start, loss in reversed(stages) if step >= start)
             rows = torch.arange(info.rank * local, (info.rank + 1) * local, device=info.device)  # this shard's global sample indices
-            dropout = PerSampleDropout(cfg.seed, step, rows, cfg.train.batch_size)
-            with autocast, dropout:
+            with autocast, PerSampleDropout(cfg.seed, step, rows, cfg.train.batch_size):
                 loss, stats, targets = loss_fn.loss_and_targets(
                     forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
                     shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
             diagnostics.update(targets, getattr(loss_fn, "weighted", _unweighted))
             optimizer.zero_grad(set_to_none=True)
-            with no_recomputed_dropout(dropout):
-                loss.backward()
+            loss.backward()
             if ddp is None and not fsdp:
                 D.all_reduce_gradients(model, info.world_size)
             keys, values = _step_values({**stats, "grad_norm": _grad_norm(model, cfg.train.grad_clip)}, info)
