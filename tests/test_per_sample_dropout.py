@@ -38,6 +38,10 @@ def test_uniform_values_are_per_row_and_uniform():
     flat = many.reshape(200, -1).double() - 0.5
     assert abs(float((flat[1:] * flat[:-1]).mean())) < 0.003 and abs(float((flat[:, 1:] * flat[:, :-1]).mean())) < 0.003
     assert not torch.equal(uniform(key + 1, torch.arange(3), (4,)), uniform(key, torch.arange(3), (4,)))
+    # every pair of rows uncorrelated over 2000 elements: under independence the largest of the 19900 sample
+    # correlations is about 4.3 standard deviations (0.022 each), so 0.15 leaves room and catches structure
+    rows = uniform(key, torch.arange(200), (2000,)).double()
+    assert float((torch.corrcoef(rows) - torch.eye(200)).abs().max()) < 0.15
 
 
 class Dropouts(nn.Module):
@@ -105,7 +109,10 @@ def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
     without_dropout.load_state_dict(model.state_dict())
     with PerSampleDropout(7, 2, torch.arange(16), 16):
         plain, _ = MeanFlowLoss(ratio=0.5, omega=1.5)(without_dropout, x, labels, generator=torch.Generator().manual_seed(3))
-    assert abs(plain.item() - reference_loss) > 1e-3, "dropout must be active in the check above"
+    plain.backward()
+    plain_grad = torch.cat([p.grad.flatten() for p in without_dropout.parameters()])
+    # the adaptive weight normalises the loss to about 1 either way: the gradients show that dropout acted
+    assert (plain_grad - reference_grad).abs().max() > 0.1 * reference_grad.abs().max(), "dropout must be active above"
 
 
 def test_a_replay_by_generator_state_gets_the_same_mask():

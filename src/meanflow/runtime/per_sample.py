@@ -148,13 +148,22 @@ def uniform(key: Tensor, rows: Tensor, tail: tuple[int, ...]) -> Tensor:
     """U[0, 1) values (B, *tail) float32, each a hash of (key (2,) int64, rows[b], element index).
 
     A pure function of its arguments on any device: the values of a row do not depend on the
-    other rows. 24-bit resolution.
+    other rows. 24-bit resolution. The row and element indices are hashed on their own (B + J
+    values), so the (B, J) values take only one multiply-xorshift-multiply round of their xor, in
+    place: about ten passes over B J int64 values (the cost of a dropout mask, drawn in every call).
     """
     count = math.prod(tail)
     row = _mix(rows.long() ^ key[0])  # (B,)
     element = _mix(torch.arange(count, device=rows.device, dtype=torch.long) ^ key[1])  # (J,)
-    h = _mix(_mix(row[:, None] ^ element[None, :]) ^ key[1])  # (B, J)
+    h = row[:, None] ^ element[None, :]  # (B, J), values below 2^32
+    h.mul_(_ROUND[0]).bitwise_and_(_MASK32)
+    h.bitwise_xor_(h >> 15)
+    h.mul_(_ROUND[1]).bitwise_and_(_MASK32)
     return ((h >> 8).to(torch.float32) * 2.0**-24).reshape(rows.shape[0], *tail)
+
+
+# Odd multipliers below 2^31: their products with values below 2^32 stay below 2^63 (no int64 overflow).
+_ROUND = (0x7FEB352D, 0x5BD1E995)
 
 
 def _key(device: torch.device) -> Tensor:
