@@ -171,6 +171,11 @@ def _case_models_flag_not_read(tmp):
     return ["models", "--name", "mlp", "--input-size", "8"], ["--input-size", "image models", "vectors"]
 
 
+def _case_batch_larger_than_data(tmp):
+    return (["train", "--out", str(tmp / "o"), "data.name=points", f"data.path={_labelled_points(tmp)}", "train.steps=2",
+             "train.batch_size=512"], ["batch size 512", "set train.batch_size to at most"])
+
+
 def _labelled_points(tmp: Path) -> str:
     rng = np.random.default_rng(0)
     path = tmp / "labelled.npz"

@@ -49,7 +49,8 @@ class GlobalBatchOrder:
 
     def __init__(self, num_items: int, global_batch: int, seed: int):
         if global_batch > num_items:
-            raise ValueError(f"global batch size {global_batch} exceeds the data set size {num_items}")
+            raise ValueError(f"global batch size {global_batch} exceeds the data set size {num_items} (the training split, "
+                             f"after any held-out part); set train.batch_size to at most {num_items}, or bring more data")
         self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
         self.steps_per_epoch = num_items // global_batch
         self._epoch, self._perm = -1, None
