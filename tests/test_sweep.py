@@ -200,3 +200,18 @@ def test_an_interrupted_run_stops_the_sweep_unevaluated(tmp_path):
     assert rows == [] and calls == [False]
     sweep.run_sweep(spec, out, train_fn=interrupted, finish_fn=lambda d: None, log=lambda _: None)
     assert calls == [False, True], "the second start resumes the interrupted run"
+
+
+def test_image_runs_without_a_metric_are_refused_before_any_training(tmp_path):
+    """Image data that no metric applies to (no eval.fid_stats, not digits): refused before the first run trains."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"config": "digits", "overrides": {"data.name": "folder", "data.path": str(tmp_path)},
+                                    "grid": {"objective.ratio": [0.25]}, "seeds": [0], "metrics": ["meanflow_1nfe.fid"]}))
+    spec, _ = sweep.load_spec(path)
+    trained = []
+    with pytest.raises(ConfigError, match="a sweep tabulates metrics.*eval.fid_stats"):
+        sweep.run_sweep(spec, tmp_path / "out", train_fn=lambda *args: trained.append(args))
+    assert not trained
+    sweep.run_sweep(spec, tmp_path / "out", extra=[f"eval.fid_stats={tmp_path / 'ref.npz'}"],  # with statistics: trains
+                    train_fn=lambda *args: trained.append(args), finish_fn=lambda directory: None, log=lambda message: None)
+    assert len(trained) == 1

@@ -127,24 +127,27 @@ def _load_latents(cfg: DataConfig, seed: int, root: str) -> tuple[Dataset, None]
 @dataclass(frozen=True)
 class Source:
     """A data source: its loader, the ``data.*`` keys it reads (besides ``name`` and ``conditional``,
-    read for all) and a few words on what it is, for error messages."""
+    read for all), a few words on what it is, for error messages, and the kind of data set it loads
+    (``points``, ``images`` or ``latents``: what evaluation can score)."""
 
     load: Loader
     reads: tuple[str, ...]
     about: str
+    kind: str = "images"
 
 
 _IMAGE_KEYS = ("image_size", "flip", "augment")  # augment: EDM augmentation of pixels (trainer)
-_TOY = Source(_load_toy, ("num_samples", "holdout"), "a built-in toy distribution")
+_TOY = Source(_load_toy, ("num_samples", "holdout"), "a built-in toy distribution", "points")
 SOURCES: dict[str, Source] = {
     **{name: _TOY for name in TOY_DATASETS},
-    "points": Source(_load_points, ("path", "holdout"), "points from a .npy/.npz/.csv file"),
+    "points": Source(_load_points, ("path", "holdout"), "points from a .npy/.npz/.csv file", "points"),
     "digits": Source(_load_digits, _IMAGE_KEYS, "scikit-learn's digits images"),
     "folder": Source(_load_folder, ("path", *_IMAGE_KEYS), "an image folder"),
     "npz": Source(_load_npz, ("path", *_IMAGE_KEYS), "images from a .npz/.npy file"),
     "cifar10": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "CIFAR-10 through torchvision"),
     "mnist": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "MNIST through torchvision"),
-    "latents": Source(_load_latents, ("path", "image_size", "flip", "latent_norm"), "a VAE latent cache from meanflow encode"),
+    "latents": Source(_load_latents, ("path", "image_size", "flip", "latent_norm"), "a VAE latent cache from meanflow encode",
+                      "latents"),
 }
 for _name, _source in SOURCES.items():
     register_data_source(_name, _source.reads)
