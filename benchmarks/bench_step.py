@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --device cpu --preset plain --threads 2   # a user's plain-PyTorch DiT
     python benchmarks/bench_step.py --device cpu --preset checkpoint   # that DiT with and without activation checkpointing
     python benchmarks/bench_step.py --device cuda --preset gpu --json bench_gpu.json [--amp bf16] [--compile]
+    python benchmarks/bench_step.py --device cuda --preset gpu-rows --amp bf16 [--compile]   # the row tangent at DiT-B/XL shapes
 
 For every case (model preset, input shape, batch, attention backend) one model, one optimizer and
 one data batch are built, and these train steps (loss, backward, Adam step) run in rounds, each
@@ -83,9 +84,16 @@ PRESETS = {
     "plain": (Case("plain-dit", 4, 16, 64, 10), Case("plain-dit-math", 4, 16, 64, 10), Case("dit-tiny/2", 4, 16, 64, 10)),
     # the same DiT with torch.utils.checkpoint around each block (recomputed in backward) and without
     "checkpoint": (Case("plain-dit", 4, 16, 64, 10), Case("plain-dit-ckpt", 4, 16, 64, 10)),
+    # the row tangent on a GPU: the plain DiT at the shapes of DiT-B/4, DiT-B/2 and DiT-XL/2 on 32x32x4 latents
+    "gpu-rows": (Case("plain-dit-b/4", 4, 32, 256, 1000), Case("plain-dit-b/2", 4, 32, 256, 1000),
+                 Case("plain-dit-xl/2", 4, 32, 64, 1000)),
 }
 # plain-PyTorch models (not in the library's registry): name -> PlainDiT options
-PLAIN_MODELS = {"plain-dit": dict(fused=True), "plain-dit-math": dict(fused=False), "plain-dit-ckpt": dict(fused=True, checkpoint=True)}
+PLAIN_MODELS = {
+    "plain-dit": dict(fused=True), "plain-dit-math": dict(fused=False), "plain-dit-ckpt": dict(fused=True, checkpoint=True),
+    "plain-dit-b/4": dict(dim=768, depth=12, heads=12, patch=4), "plain-dit-b/2": dict(dim=768, depth=12, heads=12, patch=2),
+    "plain-dit-xl/2": dict(dim=1152, depth=28, heads=16, patch=2),
+}
 # --check: ratios to the Flow Matching step on the first (DiT) case.
 TARGETS = {"mf25_time": 1.12, "mf75_time": 1.40, "memory": 1.05, "sampling": 0.95}
 
@@ -387,11 +395,12 @@ def cases_for(args) -> list[Case]:
 
 def print_case(result: dict) -> None:
     print(f"\n== {result['name']}   (du/dt vs torch.func.jvp: relative error {result['dudt_rel_error_vs_torch_func_jvp']:.1e})")
-    print(f"{'variant':<16}{'median ms':>11}{'x FM':>8}{'peak MiB':>11}{'x FM':>8}")
+    print(f"{'variant':<16}{'median ms':>11}{'x FM':>8}{'img/s':>9}{'peak MiB':>11}{'x FM':>8}")
     for name, v in result["train"].items():
         peak = f"{v['peak_mib']:11.1f}" if v["peak_mib"] is not None else f"{'-':>11}"
         ratio = f"{v['peak_ratio']:8.2f}" if v["peak_ratio"] is not None else f"{'-':>8}"
-        print(f"{name:<16}{v['median_ms']:11.1f}{v['ratio']:8.3f}{peak}{ratio}")
+        images = result["case"]["batch"] / (v["median_ms"] / 1000)  # training images per second
+        print(f"{name:<16}{v['median_ms']:11.1f}{v['ratio']:8.3f}{images:9.0f}{peak}{ratio}")
     for name, v in result["sampling"].items():
         print(f"{name:<16}{v['median_ms']:11.2f} ms  {v['images_per_s']:10.0f} img/s  x forward {v['throughput_ratio']:.3f}")
 
