@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
+import functools
 import time
 
 import torch
 
 from meanflow import MeanFlowLoss
 from meanflow.models import create
+from bench_step import interleave
 from meanflow.runtime.per_sample import PerSampleDropout, uniform
 
 
@@ -36,14 +37,8 @@ def step_times(size: int, channels: int, repeats: int) -> dict[str, float]:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for round_ in range(repeats + 2):
-        for per_sample in random.Random(round_).sample([True, False], 2):
-            start = time.process_time()
-            step(per_sample, round_)
-            if round_ >= 2:
-                times[per_sample].append(time.process_time() - start)
-    return {"per-sample masks": 1000 * min(times[True]), "torch dropout": 1000 * min(times[False])}
+    steps = {"per-sample masks": functools.partial(step, True), "torch dropout": functools.partial(step, False)}
+    return {name: 1000 * min(spans) for name, spans in interleave(steps, 2, repeats, clock=time.process_time).items()}
 
 
 def mask_times(size: int, repeats: int) -> dict[str, float]:
@@ -51,16 +46,8 @@ def mask_times(size: int, repeats: int) -> dict[str, float]:
     x, key, rows = torch.randn(64, 64, size, size), torch.tensor([12345, 678]), torch.arange(64)
     calls = {"per-sample uniforms": lambda: uniform(key, rows, (64, size, size)),
              "F.dropout": lambda: torch.nn.functional.dropout(x, 0.1, True)}
-    result = {}
-    for name, fn in calls.items():
-        fn()
-        spans = []
-        for _ in range(repeats):
-            start = time.process_time()
-            fn()
-            spans.append(time.process_time() - start)
-        result[name] = 1000 * min(spans)
-    return result
+    times = interleave({name: (lambda seed, fn=fn: fn()) for name, fn in calls.items()}, 1, repeats, clock=time.process_time)
+    return {name: 1000 * min(spans) for name, spans in times.items()}
 
 
 def main() -> None:

@@ -197,11 +197,13 @@ def _under(context, fn, *args) -> None:
         fn(*args)
 
 
-def interleave(steps: dict[str, Step], warmup: int, repeats: int, device: str) -> dict[str, list[float]]:
+def interleave(steps: dict[str, Step], warmup: int, repeats: int, device: str = "cpu",
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every step, each round in a fresh random order (seeded), after ``warmup`` rounds.
 
     Shuffling keeps what one variant leaves behind (allocator state, caches) from always landing
-    on the same next variant.
+    on the same next variant. ``clock``: wall time by default; ``time.process_time`` counts only
+    this process's CPU time (one thread: other jobs on the machine do not count).
     """
     for i in range(warmup):
         for step in steps.values():
@@ -210,10 +212,10 @@ def interleave(steps: dict[str, Step], warmup: int, repeats: int, device: str) -
     for i in range(repeats):
         for name in random.Random(i).sample(names, len(names)):
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             steps[name](warmup + i)
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
+from bench_step import interleave
 from meanflow.autodiff.rows import row_jvp
 from plain_dit import PlainDiT
 
@@ -85,13 +86,7 @@ def fixed_costs(batch: int, repeats: int) -> None:
             plain()
 
     calls = {"plain forward": plain, "row pass, 1 tangent row": rows_pass, "bare mode (op again on 1 row)": bare}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(repeats + 1):
-        for name, fn in calls.items():
-            start = time.process_time()
-            fn()
-            if round_:
-                times[name].append(time.process_time() - start)
+    times = interleave({name: (lambda seed, fn=fn: fn()) for name, fn in calls.items()}, 1, repeats, clock=time.process_time)
     base = min(times["plain forward"])
     for name, values in times.items():
         print(f"{name:<32} {1000 * min(values):8.1f} ms CPU  (+{1000 * (min(values) - base):.1f})")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .. import objectives
-from ..config import Config, load_config
-from ..data import load_dataset
+from ..config import Config, ConfigError, load_config
+from ..data import SOURCES, load_dataset
 from ..metrics.pointcloud import class_sliced_wasserstein, energy_distance, histogram_tv, sliced_wasserstein
 from ..models.loading import OFFICIAL_SUFFIXES, load_model
 from ..runtime import checkpoint as ckpt
@@ -95,6 +95,13 @@ def check_eval_config(cfg: Config, data_kind: str) -> None:
     if cfg.eval.fid_stats and not Path(cfg.eval.fid_stats).is_file():
         raise FileNotFoundError(f"eval.fid_stats={cfg.eval.fid_stats!r}: no such file; make it with `meanflow fid-stats "
                                 "SOURCE --out REF.npz`, or set eval.fid_stats=null")
+
+
+def check_scored(cfg: Config) -> None:
+    """ConfigError for a run that no metric applies to (image data, not digits, no ``eval.fid_stats``), for callers
+    that need metrics (a sweep tabulates them); known from the config alone, before any training."""
+    if SOURCES[cfg.data.name].kind != "points" and not image_metrics(cfg.data.name, cfg.eval.fid_stats):
+        raise ConfigError(f"a sweep tabulates metrics, but runs on data.name={cfg.data.name} have none: {NO_IMAGE_METRIC}")
 
 
 def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | None = None, seed: int | None = None,

@@ -33,9 +33,8 @@ import torch
 import yaml
 
 from ..config import CONFIG_DIR, Config, ConfigError, load_config
-from ..data import SOURCES
 from ..evaluation import evaluate_run
-from ..evaluation.images import NO_IMAGE_METRIC, image_metrics
+from ..evaluation.run import check_scored
 from ..runtime.checkpoint import latest_checkpoint, read_meta
 from ..runtime.distributed import DistInfo
 from .trainer import train
@@ -164,7 +163,7 @@ def run_sweep(
     runs = [run for run in plan(spec) if seeds is None or run.seed in seeds]
     configs = [run_config(spec, run, extra) for run in runs]  # validate every run before training any
     for cfg in configs:
-        _check_scored(cfg)
+        check_scored(cfg)
     for i, (run, cfg) in enumerate(zip(runs, configs)):
         if i % count != index:
             continue
@@ -183,12 +182,6 @@ def run_sweep(
                 break
         finish_fn(directory)
     return collect(spec, out)
-
-
-def _check_scored(cfg: Config) -> None:
-    """A sweep tabulates metrics: refuse, before any training, image runs that no metric applies to."""
-    if SOURCES[cfg.data.name].kind != "points" and not image_metrics(cfg.data.name, cfg.eval.fid_stats):
-        raise ConfigError(f"a sweep tabulates metrics, but runs on data.name={cfg.data.name} have none: {NO_IMAGE_METRIC}")
 
 
 def write_metrics(run_dir: Path) -> dict[str, Any]:
