@@ -16,14 +16,15 @@ round in a fresh random order, after a warmup, so machine load hits every varian
 * ``mf25_rows`` / ``mf75_rows``: the same with ``jvp="rows"`` (one plain forward pass while
   :func:`meanflow.autodiff.rows.row_jvp` carries the r != t rows' tangent: what ``auto`` picks for
   models without Dual support, such as the plain DiT of ``plain_dit.py``, preset ``plain``);
-* ``mf25_fwad``: the same loss with forward-mode AD on the r != t rows (``jvp="forward_ad"``, the
-  path for models without Dual support);
+* ``mf25_fwad`` / ``mf75_fwad``: the same loss with forward-mode AD on the r != t rows
+  (``jvp="forward_ad"``: ``torch.func.jvp`` on a compiled model);
 * ``mf_full``: the same loss with forward-mode AD over the whole batch (``jvp="full"``, 25% r != t);
 * ``public``: the public-implementation baseline written below (:class:`PublicReferenceLoss`,
   25% r != t): u with gradient from a forward pass, the JVP again in a separate no-grad call.
 
-With ``--compile`` the model is also wrapped by ``torch.compile`` and ``fm`` / ``mf25`` / ``mf75``
-run on it (suffix ``+compile``), after checking that compiled du/dt equals eager du/dt.
+With ``--compile`` the model is also wrapped by ``torch.compile`` and the requested variants among
+``fm``, ``mf25``, ``mf75``, ``mf25_fwad``, ``mf75_fwad`` run on it too (suffix ``+compile``), after
+checking that compiled du/dt equals eager du/dt.
 
 Reported per variant: median wall time, the median over rounds of its time divided by ``fm``'s
 time in the same round, and the peak memory the step adds on top of the resting state (model,
@@ -134,12 +135,13 @@ LOSSES: dict[str, Callable[[], Callable]] = {
     "mf25_rows": lambda: MeanFlowLoss(ratio=0.25, jvp="rows"),
     "mf75_rows": lambda: MeanFlowLoss(ratio=0.75, jvp="rows"),
     "mf25_fwad": lambda: MeanFlowLoss(ratio=0.25, jvp="forward_ad"),
+    "mf75_fwad": lambda: MeanFlowLoss(ratio=0.75, jvp="forward_ad"),
     "mf_full": lambda: MeanFlowLoss(ratio=0.25, jvp="full"),
     "public": lambda: PublicReferenceLoss(ratio=0.25),
 }
-COMPILED = ("fm", "mf25", "mf75")
+COMPILED = ("fm", "mf25", "mf75", "mf25_fwad", "mf75_fwad")
 # variants whose forward-mode AD needs SDPA's math kernel on the CPU (the fused one has no forward-mode rule)
-FORWARD_AD = ("mf25_fwad", "mf_full", "public")
+FORWARD_AD = ("mf25_fwad", "mf75_fwad", "mf_full", "public")
 
 
 def autocast(device: str, amp: str):
@@ -342,7 +344,7 @@ def run_case(case: Case, args) -> dict:
         tolerance = 5e-2 if args.amp == "bf16" else 1e-3
         result["compile_dudt_rel_error"] = error
         if error <= tolerance:
-            names += [f"{name}+compile" for name in COMPILED]
+            names += [f"{name}+compile" for name in names if name in COMPILED]
         else:
             print(f"[{case.name}] compiled du/dt differs from eager (relative error {error:.2e}): not timing compile", file=sys.stderr)
     steps = step_fns(names, model, compiled, optimizer, x, labels, args.device, args.amp)
