@@ -371,6 +371,21 @@ def test_meanflow_loss_rows_mode_equals_the_full_batch_reference(name):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["forward_ad", "full"])
+def test_forward_mode_jvps_run_a_float32_sdpa_model_without_a_kernel_choice(mode):
+    """A user's float32 model on F.scaled_dot_product_attention: the fused kernel PyTorch picks has no
+    forward-mode rule, so the forward-AD modes choose the math kernel themselves (no sdpa_kernel by the user)."""
+    model = user_model("dit_sdpa").float()
+    x, labels = rand(6, 3, 8, 8, seed=3).float(), torch.arange(6) % 4
+    results = {}
+    for name in ("rows", mode):
+        loss_fn = MeanFlowLoss(ratio=0.5, jvp=name)
+        out = loss_fn.targets(model, x, labels, generator=torch.Generator().manual_seed(4))
+        results[name] = out.dudt
+    assert results["rows"].abs().max() > 1e-3
+    torch.testing.assert_close(results[mode], results["rows"], rtol=1e-4, atol=1e-5)
+
+
 def test_auto_mode_takes_the_row_tangent_for_plain_models_and_reports_mixing():
     class Mixing(torch.nn.Module):
         num_classes = 0

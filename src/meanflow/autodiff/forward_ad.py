@@ -13,6 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 _LINEAR_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
@@ -59,9 +60,17 @@ def forward_jvp(
         compiled: fn calls a ``torch.compile``'d module, which ``torch.autograd.forward_ad``
             cannot go through; ``torch.func.jvp`` is used instead.
 
+    ``F.scaled_dot_product_attention`` inside fn runs on its math kernel: PyTorch's fused kernels
+    (flash, memory-efficient, cuDNN) have no forward-mode rule.
+
     Returns:
         (out, d_out, aux): out and aux carry gradients as a plain call would; d_out is detached.
     """
+    with sdpa_kernel(SDPBackend.MATH):  # PyTorch's fused attention kernels have no forward-mode rule
+        return _forward_jvp(fn, primals, tangents, has_aux, compiled)
+
+
+def _forward_jvp(fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor | None], has_aux: bool, compiled: bool):
     if compiled:
         active = [i for i, tangent in enumerate(tangents) if tangent is not None]
 
