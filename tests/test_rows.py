@@ -404,18 +404,18 @@ def test_auto_mode_takes_the_row_tangent_for_plain_models_and_reports_mixing():
     assert torch.isfinite(loss)
 
 
-def test_compiled_model_runs_eagerly_under_the_row_tangent():
-    """A torch.compile'd model gives the eager model's loss and gradients (the row pass runs it eagerly)."""
+def test_compiled_model_gives_the_eager_loss_and_gradients_under_the_row_tangent():
+    """A torch.compile'd model (its row pass traced and compiled by inductor) gives the eager model's gradients."""
     model = user_model("mlp")
     grads = []
     for net in (model, torch.compile(model)):
         loss, _ = MeanFlowLoss(ratio=0.5, jvp="rows")(net, rand(8, 3, seed=5), generator=torch.Generator().manual_seed(0))
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)  # float64: fusion reorders sums
 
 
 def test_training_with_compile_and_the_row_tangent_equals_eager_training(tmp_path):
-    """train.compile=true with jvp=rows trains (the row pass runs the compiled model eagerly): same weights."""
+    """train.compile=true with jvp=rows trains (the row pass traced and compiled): the eager run's weights."""
     from meanflow.config import load_config
     from meanflow.runtime import checkpoint as ckpt
     from meanflow.training.trainer import train
@@ -428,4 +428,5 @@ def test_training_with_compile_and_the_row_tangent_equals_eager_training(tmp_pat
         run = train(cfg, tmp_path / compiled)
         weights.append(ckpt.read_weights(ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for k in weights[0]:  # compiled kernels round differently
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-5, atol=1e-6)

@@ -13,10 +13,10 @@ Objectives call only this; how the derivative is computed is a *mode*, all exact
   autograd (models with ``supports_dual = True``; no tangent on r).
 * ``"rows"``: any model written with ordinary torch ops. One plain forward pass over the whole
   batch, the selected rows first, while :func:`~meanflow.autodiff.rows.row_jvp` carries their
-  tangent beside it outside autograd (a torch-function mode with a tangent rule per op;
-  ``torch.compile``'d code runs eagerly during that pass). An op that mixes rows of the batch
+  tangent beside it outside autograd (a torch-function mode with a tangent rule per op). An op that mixes rows of the batch
   (BatchNorm in training mode, a reduction along it) raises
-  :class:`~meanflow.autodiff.rows.RowMixingError`.
+  :class:`~meanflow.autodiff.rows.RowMixingError`. On a ``torch.compile``'d model the row pass is
+  traced once per input signature and compiled with it (:mod:`~meanflow.autodiff.rows_compiled`).
 * ``"forward_ad"``: any model. The selected rows go through one forward-mode pass
   (:func:`~meanflow.autodiff.forward_ad.forward_jvp`), the others through a plain forward.
 * ``"full"``: one forward-mode pass over the whole batch (zero tangent on the other rows): the
@@ -37,6 +37,7 @@ from ..runtime.per_sample import model_rows
 from .dual import Dual, supports_dual
 from .forward_ad import forward_jvp
 from .rows import row_jvp
+from .rows_compiled import compiled_row_jvp
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,14 @@ def _rows(call: Call, rows: Tensor, tangent: Tangent) -> JVPOut:
         tangent.time("r", ordered.r[:n]) if tangent.moves_r else None,
         tangent.time("t", ordered.t[:n]),
     )
-    out, out_tangent = row_jvp(lambda z, r, t: ordered.run(z, r, t), (ordered.z, ordered.r, ordered.t), tangents)
+    inputs = (ordered.z, ordered.r, ordered.t)
+    eager = lambda: row_jvp(lambda z, r, t: ordered.run(z, r, t), inputs, tangents)  # noqa: E731
+    if hasattr(call.model, "_orig_mod"):  # torch.compile'd: the row pass is compiled too
+        with model_rows(ordered.rows):
+            out, out_tangent = compiled_row_jvp(
+                call.model._orig_mod, inputs, tangents, ordered.labels, ordered.conditioning, ordered.return_v, eager)
+    else:
+        out, out_tangent = eager()
     (u, v), du = ordered.split(out), ordered.split(out_tangent)[0]
     return _in_batch_order(inverse, u, du, v)
 

@@ -45,8 +45,8 @@ def row_jvp(fn: Callable[..., Any], primals: Sequence[Tensor], tangents: Sequenc
 
     Equivalent to ``torch.func.jvp`` of ``fn`` on the first n rows for functions that treat each
     sample on its own; an op that mixes rows raises :class:`RowMixingError`. ``torch.compile``'d
-    code inside ``fn`` runs eagerly during the call (the mode is Python that dynamo cannot trace):
-    exact, without compile's speed-up.
+    code inside ``fn`` runs eagerly during the call (the mode is Python that dynamo cannot trace);
+    :mod:`meanflow.autodiff.rows_compiled` traces the whole call into a graph and compiles that.
     """
     batch = {p.shape[0] for p in primals if p.ndim}
     rows = {t.shape[0] for t in tangents if t is not None}

@@ -1,0 +1,139 @@
+"""The row tangent of a ``torch.compile``'d model, compiled with it.
+
+:func:`~meanflow.autodiff.rows.row_jvp` is Python that runs beside every op of the model; dynamo
+cannot trace it, so on a compiled model the row pass used to run eagerly and paid that Python on
+every step (on a GPU, where a step is short, it dominated). Here the row pass is traced once per
+input signature by ``make_fx`` at the pre-dispatch level: the model's code and the tangent rules
+run on proxy tensors, and everything they compute, primal and tangent, is recorded as one graph of
+ATen ops above autograd, with the rules' gradient-off regions kept (the tangent stays out of
+autograd, as in the eager pass). That graph is compiled by ``torch.compile`` and called on later
+steps: no Python per op, and the tangent's kernels fuse with the primal's. Parameters and buffers
+are inputs of the graph, passed on every call, so gradients reach them and optimizer updates are
+seen.
+
+A signature is everything the trace depends on: the shapes and dtypes of the inputs, which
+tangents are given, the grad and autocast modes, the model's training flag. A model that draws
+random numbers in its forward pass (dropout with p > 0) is not traced: the trace would fix its
+mask. It runs the eager row pass, as does a model whose trace fails; each says why once.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+
+from .rows import row_jvp
+
+_DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "bernoulli_",
+           "normal", "normal_", "uniform_", "exponential_", "multinomial", "random_", "cauchy_", "geometric_",
+           "log_normal_"}
+
+# model -> signature -> compiled row pass, or the reason it runs eagerly
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | str]]" = weakref.WeakKeyDictionary()
+
+
+class _RandomCalls(TorchFunctionMode):
+    """Records the first call that draws random numbers (dropout with p > 0 in training, a random fill)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.first is None and _draws(name, args, kwargs):
+            self.first = name
+        return func(*args, **kwargs)
+
+
+def _draws(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the torch call ``name(*args, **kwargs)`` draws random numbers."""
+    if name in _DROPOUTS:
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        return bool(training) and p > 0
+    if name == "scaled_dot_product_attention":
+        return kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0) > 0
+    return name in _RANDOM
+
+
+def _row_pass(model: nn.Module, layout: tuple[bool, ...], keys: tuple[str, ...], return_v: bool) -> Callable:
+    """fn(params, buffers, *tensors): ``row_jvp`` of ``model(z, r, t, labels, **conditioning)`` over (z, r, t).
+
+    ``tensors`` are z, r, t, dz, dr, dt, labels where ``layout`` says they are given, then the conditioning values.
+    """
+    extra = {"return_v": True} if return_v else {}
+
+    def fn(params: dict[str, Tensor], buffers: dict[str, Tensor], *tensors: Tensor) -> tuple[Any, Any]:
+        it = iter(tensors)
+        z, r, t, dz, dr, dt, labels = (next(it) if given else None for given in layout)
+        kwargs = dict(zip(keys, it), **extra)
+        run = lambda z_, r_, t_: torch.func.functional_call(model, (params, buffers), (z_, r_, t_, labels), kwargs)  # noqa: E731
+        return row_jvp(run, (z, r, t), (dz, dr, dt))
+
+    return fn
+
+
+def compiled_row_jvp(
+    model: nn.Module,
+    inputs: tuple[Tensor, Tensor, Tensor],
+    tangents: tuple[Tensor, Tensor | None, Tensor],
+    labels: Tensor | None,
+    conditioning: dict[str, Tensor],
+    return_v: bool,
+    eager: Callable[[], tuple[Any, Any]],
+) -> tuple[Any, Any]:
+    """What ``row_jvp`` of ``model(z, r, t, labels, **conditioning)`` returns, through the compiled row pass.
+
+    Args:
+        model: the module inside ``torch.compile`` (its ``_orig_mod``).
+        inputs: z (B, ...), r (B,), t (B,); tangents: dz (n, ...), dr (n,) or None, dt (n,).
+        eager: the eager row pass, called when the model cannot be traced (see the module docstring).
+    """
+    optional = (*inputs, *tangents, labels)
+    layout = tuple(x is not None for x in optional)
+    tensors = (*[x for x in optional if x is not None], *conditioning.values())
+    key = _signature(model, tensors, layout, tuple(conditioning), return_v)
+    state = dict(model.named_parameters()), dict(model.named_buffers())
+    graphs = _GRAPHS.setdefault(model, {})
+    if key not in graphs:
+        graphs[key] = _trace(model, _row_pass(model, layout, tuple(conditioning), return_v), state, tensors)
+    graph = graphs[key]
+    if isinstance(graph, str):
+        return eager()
+    return graph(*state, *tensors)
+
+
+def _signature(model: nn.Module, tensors: Sequence[Tensor], *rest: Any) -> tuple:
+    device = tensors[0].device.type
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    shapes = tuple((tuple(x.shape), x.dtype, x.device) for x in tensors)
+    return shapes, *rest, torch.is_grad_enabled(), autocast, model.training
+
+
+def _trace(model: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Sequence[Tensor]) -> Callable | str:
+    """The row pass traced and compiled, or why it runs eagerly (said once, as a warning)."""
+    random = _RandomCalls()
+    try:
+        with random:
+            graph = make_fx(fn, pre_dispatch=True)(*state, *tensors)
+    except Exception as failure:  # noqa: BLE001 - any trace failure falls back to the exact eager pass
+        reason = f"it could not be traced ({type(failure).__name__}: {str(failure).splitlines()[0][:200]})"
+    else:
+        if random.first is None:
+            return compile_graph(graph)
+        reason = f"its forward pass draws random numbers ({random.first}; a trace would fix them)"
+    warnings.warn(f"the row tangent of the compiled {type(model).__name__} runs eagerly: {reason}", stacklevel=4)
+    return reason
+
+
+def compile_graph(graph: nn.Module) -> Callable:
+    """``torch.compile`` of a traced row pass (one home for its options)."""
+    return torch.compile(graph)

@@ -1,0 +1,135 @@
+"""The row tangent of a ``torch.compile``'d model (``meanflow.autodiff.rows_compiled``).
+
+The traced and compiled row pass must give what the eager row pass gives (u, du/dt, the loss's
+gradients) on a user's plain DiT, keep doing so after the optimizer moves the weights, run no
+Python rule per op after its trace, keep the tangent out of autograd's saved tensors, and run
+eagerly (saying why) where a trace would be wrong. Compiled with the ``aot_eager`` backend: the
+same graphs inductor would get, without its minutes of code generation on the CPU.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import meanflow.autodiff.rows_compiled as rows_compiled
+from meanflow import MeanFlowLoss
+from meanflow.autodiff.jvp import Tangent, jvp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from plain_dit import PlainDiT  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(rows_compiled, "compile_graph", lambda graph: torch.compile(graph, backend="aot_eager"))
+
+
+def plain_dit(**options) -> PlainDiT:
+    torch.manual_seed(0)
+    model = PlainDiT(channels=3, size=8, dim=32, depth=2, heads=2, num_classes=4, **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def batch(size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(size, 3, 8, 8, generator=g), torch.arange(size) % 4
+
+
+def step(model, net, x, labels, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, du/dt, flat gradient) of one MeanFlow loss on net (model or its compiled form)."""
+    model.zero_grad(set_to_none=True)
+    loss_fn = MeanFlowLoss(ratio=0.5)
+    dudt = loss_fn.targets(net, x, labels, generator=torch.Generator().manual_seed(seed)).dudt
+    loss, _ = loss_fn(net, x, labels, generator=torch.Generator().manual_seed(seed))
+    loss.backward()
+    return loss.detach(), dudt, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_compiled_row_pass_equals_the_eager_one_and_follows_the_weights():
+    model = plain_dit()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for seed in (4, 5):
+        eager, traced = step(model, model, x, labels, seed), step(model, compiled, x, labels, seed)
+        assert eager[1].abs().max() > 1e-3
+        for a, b in zip(eager, traced):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        optimizer.step()  # the next round must see the moved weights
+    graphs = rows_compiled._GRAPHS[model]
+    assert len(graphs) == 1 and callable(next(iter(graphs.values())))
+
+
+def test_no_rule_runs_after_the_trace(monkeypatch):
+    model = plain_dit()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    calls = []
+    row_jvp = rows_compiled.row_jvp
+    monkeypatch.setattr(rows_compiled, "row_jvp", lambda *a: calls.append(1) or row_jvp(*a))
+    for seed in (4, 5, 6):
+        step(model, compiled, x, labels, seed)
+    assert len(calls) == 1  # the trace; the other five calls ran the compiled graph
+
+
+def test_a_new_signature_is_traced_again():
+    model = plain_dit()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch(6)
+    step(model, compiled, x, labels)
+    step(model, compiled, *batch(4))
+    model.eval()
+    with torch.no_grad():
+        step_out = jvp(compiled, x, torch.zeros(6), torch.ones(6), labels, torch.arange(2), Tangent(z=torch.ones(2, 3, 8, 8)))
+    assert step_out.du.shape == (2, 3, 8, 8)
+    assert len(rows_compiled._GRAPHS[model]) == 3
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd saves for backward while fn() runs."""
+    total = []
+
+    def pack(x):
+        total.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(total)
+
+
+def test_the_tangent_stays_out_of_autograd():
+    """The compiled row pass saves what the compiled plain forward saves: no tangent activations."""
+    model = plain_dit()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    z, t = torch.randn_like(x), torch.rand(6)
+    rows = torch.arange(3)
+    plain = saved_bytes(lambda: compiled(z, t * 0.5, t, labels))
+    row_pass = saved_bytes(lambda: jvp(compiled, z, t * 0.5, t, labels, rows, Tangent(z=torch.randn(3, 3, 8, 8))))
+    assert plain > 0 and row_pass <= 1.05 * plain
+
+
+def test_a_model_that_draws_random_numbers_runs_the_eager_row_pass():
+    model = plain_dit(dropout=0.2)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    with pytest.warns(UserWarning, match=r"runs eagerly: its forward pass draws random numbers \(dropout"):
+        step(model, compiled, x, labels)
+    assert all(isinstance(reason, str) for reason in rows_compiled._GRAPHS[model].values())
+
+
+def test_bf16_autocast_matches_the_eager_row_pass():
+    model = plain_dit()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, traced = step(model, model, x, labels), step(model, compiled, x, labels)
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
