@@ -24,7 +24,7 @@ round in a fresh random order, after a warmup, so machine load hits every varian
 
 With ``--compile`` the model is also wrapped by ``torch.compile`` and the requested variants among
 ``fm``, ``mf25``, ``mf75``, ``mf25_fwad``, ``mf75_fwad`` run on it too (suffix ``+compile``), after
-checking that compiled du/dt equals eager du/dt.
+checking that compiled du/dt equals eager du/dt; their time ratios are to ``fm+compile``.
 
 Reported per variant: median wall time, the median over rounds of its time divided by ``fm``'s
 time in the same round, and the peak memory the step adds on top of the resting state (model,
@@ -223,12 +223,18 @@ def interleave(steps: dict[str, Step], warmup: int, repeats: int, device: str = 
 
 
 def summarise(times: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
-    """Median ms and the median of same-round time ratios to ``reference``, per name."""
-    ref = times[reference]
+    """Median ms and the median of same-round time ratios to ``reference``, per name.
+
+    A ``name+compile`` variant is compared with ``reference+compile`` when that ran (compiled with compiled).
+    """
+    def ref(name: str) -> list[float]:
+        compiled = f"{reference}+compile"
+        return times[compiled] if name.endswith("+compile") and compiled in times else times[reference]
+
     return {
         name: {
             "median_ms": 1e3 * statistics.median(ts),
-            "ratio": statistics.median(t / r for t, r in zip(ts, ref)),
+            "ratio": statistics.median(t / r for t, r in zip(ts, ref(name))),
         }
         for name, ts in times.items()
     }

@@ -8,7 +8,9 @@ same graphs inductor would get, without its minutes of code generation on the CP
 """
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 import meanflow.autodiff.rows_compiled as rows_compiled
 from meanflow import MeanFlowLoss
 from meanflow.autodiff.jvp import Tangent, jvp
+from meanflow.autodiff.rows import RowMixingError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
@@ -133,3 +136,54 @@ def test_bf16_autocast_matches_the_eager_row_pass():
         eager, traced = step(model, model, x, labels), step(model, compiled, x, labels)
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_a_model_that_mixes_rows_raises_as_it_does_eagerly():
+    class Mixing(torch.nn.Module):
+        num_classes = 0
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+
+        def forward(self, z, r, t, labels=None):
+            return self.net(z + t[:, None])
+
+    with pytest.raises(RowMixingError, match=r"batch_norm\(\)"):
+        MeanFlowLoss(ratio=0.5)(torch.compile(Mixing(), backend="aot_eager"), torch.randn(6, 3))
+
+
+def test_the_traced_graphs_do_not_keep_the_model_alive():
+    model = plain_dit()
+    step(model, torch.compile(model, backend="aot_eager"), *batch())
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+class TwoHeads(torch.nn.Module):
+    """A user's two-headed model with an extra conditioning input, as iMF models are called."""
+
+    num_classes = 0
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.u, self.v = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+
+    def forward(self, z, r, t, labels=None, omega=None, return_v=False):
+        h = torch.tanh(self.body(torch.cat([z, r[:, None], t[:, None], omega[:, None]], dim=1)))
+        return (self.u(h), self.v(h)) if return_v else self.u(h)
+
+
+def test_conditioning_and_a_second_head_go_through_the_compiled_pass():
+    model = TwoHeads()
+    compiled = torch.compile(model, backend="aot_eager")
+    z, t = torch.randn(6, 3), torch.rand(6)
+    args = (z, t * 0.5, t, None, torch.tensor([0, 2, 4]), Tangent(z=torch.randn(3, 3), r=torch.rand(3)))
+    options = dict(conditioning={"omega": torch.rand(6) + 1}, return_v=True)
+    eager, traced = jvp(model, *args, mode="rows", **options), jvp(compiled, *args, mode="rows", **options)
+    for a, b in zip((eager.u, eager.du, eager.v), (traced.u, traced.du, traced.v)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert len(rows_compiled._GRAPHS[model]) == 1

@@ -14,7 +14,8 @@ seen.
 A signature is everything the trace depends on: the shapes and dtypes of the inputs, which
 tangents are given, the grad and autocast modes, the model's training flag. A model that draws
 random numbers in its forward pass (dropout with p > 0) is not traced: the trace would fix its
-mask. It runs the eager row pass, as does a model whose trace fails; each says why once.
+mask. It runs the eager row pass, as does a model whose trace fails, with a warning that says why;
+a model that mixes rows raises :class:`~meanflow.autodiff.rows.RowMixingError` as it does eagerly.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
-from .rows import row_jvp
+from .rows import RowMixingError, row_jvp
 
 _DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "bernoulli_",
@@ -124,7 +125,9 @@ def _trace(model: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Se
     try:
         with random:
             graph = make_fx(fn, pre_dispatch=True)(*state, *tensors)
-    except Exception as failure:  # noqa: BLE001 - any trace failure falls back to the exact eager pass
+    except RowMixingError:
+        raise  # the model's own fault, compiled or not
+    except Exception as failure:  # noqa: BLE001 - any other trace failure falls back to the exact eager pass
         reason = f"it could not be traced ({type(failure).__name__}: {str(failure).splitlines()[0][:200]})"
     else:
         if random.first is None:
