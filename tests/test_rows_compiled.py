@@ -8,6 +8,7 @@ same graphs inductor would get, without its minutes of code generation on the CP
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import weakref
@@ -81,17 +82,30 @@ def test_no_rule_runs_after_the_trace(monkeypatch):
     assert len(calls) == 1  # the trace; the other five calls ran the compiled graph
 
 
-def test_a_new_signature_is_traced_again():
-    model = plain_dit()
+def test_each_part_of_the_signature_gets_its_own_graph():
+    """Batch size, grad mode, autocast and the training flag each change the trace: each gets a new graph
+    that agrees with the eager row pass (a reused graph would drop gradients, casts or BatchNorm's mode)."""
+    model = PlainDiT(channels=3, size=8, dim=32, depth=1, heads=2, num_classes=4)
+    model.out.register_forward_hook(lambda m, i, o: o * (1.5 if m.training else 0.5))  # the training flag matters
     compiled = torch.compile(model, backend="aot_eager")
-    x, labels = batch(6)
-    step(model, compiled, x, labels)
-    step(model, compiled, *batch(4))
-    model.eval()
-    with torch.no_grad():
-        step_out = jvp(compiled, x, torch.zeros(6), torch.ones(6), labels, torch.arange(2), Tangent(z=torch.ones(2, 3, 8, 8)))
-    assert step_out.du.shape == (2, 3, 8, 8)
-    assert len(rows_compiled._GRAPHS[model]) == 3
+    rows = torch.arange(2)
+
+    def both(x, labels):
+        z, t = torch.randn_like(x), torch.linspace(0.2, 0.9, len(x))
+        call = (z, t * 0.5, t, labels, rows, Tangent(z=torch.ones(2, *x.shape[1:])))
+        return jvp(model, *call, mode="rows"), jvp(compiled, *call, mode="rows")
+
+    contexts = [lambda: contextlib.nullcontext(), lambda: contextlib.nullcontext(), torch.no_grad,
+                lambda: torch.autocast("cpu", dtype=torch.bfloat16), lambda: contextlib.nullcontext()]
+    for count, (size, context) in enumerate(zip((6, 4, 6, 6, 6), contexts), start=1):
+        if count == 5:
+            model.eval()
+        with context():
+            eager, traced = both(*batch(size))
+        assert len(rows_compiled._GRAPHS[model]) == count
+        assert traced.u.requires_grad == eager.u.requires_grad and traced.u.dtype == eager.u.dtype
+        torch.testing.assert_close(traced.u, eager.u, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(traced.du, eager.du, rtol=2e-2, atol=1e-3)
 
 
 def saved_bytes(fn) -> int:
