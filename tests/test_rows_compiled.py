@@ -201,3 +201,14 @@ def test_conditioning_and_a_second_head_go_through_the_compiled_pass():
     for a, b in zip((eager.u, eager.du, eager.v), (traced.u, traced.du, traced.v)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert len(rows_compiled._GRAPHS[model]) == 1
+
+
+def test_a_model_with_activation_checkpointing_runs_the_eager_row_pass():
+    """A trace would flatten torch.utils.checkpoint and keep every activation: the eager pass keeps the saving."""
+    model = plain_dit(checkpoint=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    with pytest.warns(UserWarning, match=r"runs eagerly: it uses activation checkpointing"):
+        traced = step(model, compiled, x, labels)
+    for a, b in zip(step(model, model, x, labels), traced):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

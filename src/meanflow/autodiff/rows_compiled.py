@@ -14,7 +14,8 @@ seen.
 A signature is everything the trace depends on: the shapes and dtypes of the inputs, which
 tangents are given, the grad and autocast modes, the model's training flag. A model that draws
 random numbers in its forward pass (dropout with p > 0) is not traced: the trace would fix its
-mask. It runs the eager row pass, as does a model whose trace fails, with a warning that says why;
+mask; nor is one that uses activation checkpointing, which a trace would flatten, keeping every
+activation. It runs the eager row pass, as does a model whose trace fails, with a warning that says why;
 a model that mixes rows raises :class:`~meanflow.autodiff.rows.RowMixingError` as it does eagerly.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
+from ..runtime.per_sample import inside_checkpoint
 from .rows import RowMixingError, row_jvp
 
 _DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
@@ -39,18 +41,26 @@ _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like"
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | str]]" = weakref.WeakKeyDictionary()
 
 
-class _RandomCalls(TorchFunctionMode):
-    """Records the first call that draws random numbers (dropout with p > 0 in training, a random fill)."""
+class _TraceHazards(TorchFunctionMode):
+    """Records the first call a trace would get wrong, as the reason to run eagerly.
+
+    A random draw (dropout with p > 0 in training, a random fill) would be fixed by the trace; a
+    call inside activation checkpointing would be traced flat, dropping the recomputation that
+    saves memory.
+    """
 
     def __init__(self):
         super().__init__()
-        self.first: str | None = None
+        self.reason: str | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if self.first is None and _draws(name, args, kwargs):
-            self.first = name
+        if self.reason is None:
+            name = getattr(func, "__name__", "")
+            if _draws(name, args, kwargs):
+                self.reason = f"its forward pass draws random numbers ({name}; a trace would fix them)"
+            elif inside_checkpoint():
+                self.reason = "it uses activation checkpointing (torch.utils.checkpoint), which a trace would drop"
         return func(*args, **kwargs)
 
 
@@ -121,18 +131,18 @@ def _signature(model: nn.Module, tensors: Sequence[Tensor], *rest: Any) -> tuple
 
 def _trace(model: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Sequence[Tensor]) -> Callable | str:
     """The row pass traced and compiled, or why it runs eagerly (said once, as a warning)."""
-    random = _RandomCalls()
+    hazards = _TraceHazards()
     try:
-        with random:
+        with hazards:
             graph = make_fx(fn, pre_dispatch=True)(*state, *tensors)
     except RowMixingError:
         raise  # the model's own fault, compiled or not
     except Exception as failure:  # noqa: BLE001 - any other trace failure falls back to the exact eager pass
         reason = f"it could not be traced ({type(failure).__name__}: {str(failure).splitlines()[0][:200]})"
     else:
-        if random.first is None:
+        if hazards.reason is None:
             return compile_graph(graph)
-        reason = f"its forward pass draws random numbers ({random.first}; a trace would fix them)"
+        reason = hazards.reason
     warnings.warn(f"the row tangent of the compiled {type(model).__name__} runs eagerly: {reason}", stacklevel=4)
     return reason
 

@@ -82,7 +82,7 @@ class PerSampleDropout(TorchFunctionMode):
             return func(*args, **kwargs)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-        if _inside_checkpoint():
+        if inside_checkpoint():
             raise RuntimeError(
                 f"{func.__name__} inside activation checkpointing (torch.utils.checkpoint): the block is recomputed in the "
                 "backward pass, outside this step's per-sample dropout, so its mask there would differ from the forward "
@@ -131,7 +131,7 @@ def model_rows(index: Tensor | None) -> Iterator[None]:
         mode.current = previous
 
 
-def _inside_checkpoint() -> bool:
+def inside_checkpoint() -> bool:
     """Whether the caller runs inside ``torch.utils.checkpoint`` (a frame of that module on the Python stack)."""
     frame = sys._getframe(1)
     while frame is not None:
