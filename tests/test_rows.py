@@ -23,7 +23,7 @@ from meanflow.autodiff.rows import RowMixingError, row_jvp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
-from user_models import UserMLP, UserUNet  # noqa: E402
+from user_models import BatchNormMLP, UserMLP, UserUNet  # noqa: E402
 
 B, N = 5, 3  # batch, rows with a tangent
 f64 = dict(dtype=torch.float64)
@@ -387,17 +387,7 @@ def test_forward_mode_jvps_run_a_float32_sdpa_model_without_a_kernel_choice(mode
 
 
 def test_auto_mode_takes_the_row_tangent_for_plain_models_and_reports_mixing():
-    class Mixing(torch.nn.Module):
-        num_classes = 0
-
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
-
-        def forward(self, z, r, t, labels=None):
-            return self.net(z) * t[:, None]
-
-    model = Mixing().double()
+    model = BatchNormMLP().double()
     with pytest.raises(RowMixingError, match=r"batch_norm\(\).*BatchNorm in training mode"):
         MeanFlowLoss(ratio=0.5)(model, rand(6, 3))
     loss, _ = MeanFlowLoss(ratio=0.5)(model.eval(), rand(6, 3))

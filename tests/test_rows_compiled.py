@@ -24,6 +24,7 @@ from meanflow.autodiff.rows import RowMixingError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
+from user_models import BatchNormMLP  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -153,18 +154,8 @@ def test_bf16_autocast_matches_the_eager_row_pass():
 
 
 def test_a_model_that_mixes_rows_raises_as_it_does_eagerly():
-    class Mixing(torch.nn.Module):
-        num_classes = 0
-
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
-
-        def forward(self, z, r, t, labels=None):
-            return self.net(z + t[:, None])
-
     with pytest.raises(RowMixingError, match=r"batch_norm\(\)"):
-        MeanFlowLoss(ratio=0.5)(torch.compile(Mixing(), backend="aot_eager"), torch.randn(6, 3))
+        MeanFlowLoss(ratio=0.5)(torch.compile(BatchNormMLP(), backend="aot_eager"), torch.randn(6, 3))
 
 
 def test_the_traced_graphs_do_not_keep_the_model_alive():

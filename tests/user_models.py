@@ -98,3 +98,16 @@ class UserMLP(nn.Module):
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         return self.net(torch.cat([z, t[:, None], (t - r).unsqueeze(1)], dim=-1))
+
+
+class BatchNormMLP(nn.Module):
+    """u(z, r, t) for (B, 3) points through BatchNorm1d: rows mix in training mode (a RowMixingError for the row tangent)."""
+
+    num_classes = 0
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.net(z) * t[:, None]
