@@ -71,6 +71,7 @@ def forward_jvp(
 
 
 def _forward_jvp(fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor | None], has_aux: bool, compiled: bool):
+    """:func:`forward_jvp` inside its attention-kernel choice."""
     if compiled:
         active = [i for i, tangent in enumerate(tangents) if tangent is not None]
 

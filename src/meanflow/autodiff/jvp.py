@@ -13,8 +13,8 @@ Objectives call only this; how the derivative is computed is a *mode*, all exact
   autograd (models with ``supports_dual = True``; no tangent on r).
 * ``"rows"``: any model written with ordinary torch ops. One plain forward pass over the whole
   batch, the selected rows first, while :func:`~meanflow.autodiff.rows.row_jvp` carries their
-  tangent beside it outside autograd (a torch-function mode with a tangent rule per op). An op that mixes rows of the batch
-  (BatchNorm in training mode, a reduction along it) raises
+  tangent beside it outside autograd (a torch-function mode with a tangent rule per op). An op
+  that mixes rows of the batch (BatchNorm in training mode, a reduction along it) raises
   :class:`~meanflow.autodiff.rows.RowMixingError`. On a ``torch.compile``'d model the row pass is
   traced once per input signature and compiled with it (:mod:`~meanflow.autodiff.rows_compiled`).
 * ``"forward_ad"``: any model. The selected rows go through one forward-mode pass

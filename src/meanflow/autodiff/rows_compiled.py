@@ -13,10 +13,12 @@ seen.
 
 A signature is everything the trace depends on: the shapes and dtypes of the inputs, which
 tangents are given, the grad and autocast modes, the model's training flag. A model that draws
-random numbers in its forward pass (dropout with p > 0) is not traced: the trace would fix its
-mask; nor is one that uses activation checkpointing, which a trace would flatten, keeping every
-activation. It runs the eager row pass, as does a model whose trace fails, with a warning that says why;
-a model that mixes rows raises :class:`~meanflow.autodiff.rows.RowMixingError` as it does eagerly.
+random numbers in its forward pass (dropout with p > 0) is not traced: the row pass gives the
+tangent the primal's mask by resetting the generator and drawing again, which a trace does not
+record. Nor is one that uses activation checkpointing, which a trace would flatten, keeping every
+activation. Such models run the eager row pass, as does a model whose trace fails, with a warning
+that says why; a model that mixes rows raises :class:`~meanflow.autodiff.rows.RowMixingError` as
+it does eagerly.
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | str]]" = w
 class _TraceHazards(TorchFunctionMode):
     """Records the first call a trace would get wrong, as the reason to run eagerly.
 
-    A random draw (dropout with p > 0 in training, a random fill) would be fixed by the trace; a
-    call inside activation checkpointing would be traced flat, dropping the recomputation that
-    saves memory.
+    A random draw (dropout with p > 0 in training, a random fill): the generator resets that tie
+    the tangent's mask to the primal's are not recorded. A call inside activation checkpointing:
+    traced flat, the recomputation that saves memory is gone.
     """
 
     def __init__(self):
@@ -58,7 +60,7 @@ class _TraceHazards(TorchFunctionMode):
         if self.reason is None:
             name = getattr(func, "__name__", "")
             if _draws(name, args, kwargs):
-                self.reason = f"its forward pass draws random numbers ({name}; a trace would fix them)"
+                self.reason = f"its forward pass draws random numbers ({name}; a trace would not tie the tangent's draw to the primal's)"
             elif inside_checkpoint():
                 self.reason = "it uses activation checkpointing (torch.utils.checkpoint), which a trace would drop"
         return func(*args, **kwargs)
