@@ -3,8 +3,9 @@
 The traced and compiled row pass must give what the eager row pass gives (u, du/dt, the loss's
 gradients) on a user's plain DiT, keep doing so after the optimizer moves the weights, run no
 Python rule per op after its trace, keep the tangent out of autograd's saved tensors, and run
-eagerly (saying why) where a trace would be wrong. Compiled with the ``aot_eager`` backend: the
-same graphs inductor would get, without its minutes of code generation on the CPU.
+eagerly (saying why) where a trace would be wrong. The models are compiled with the ``aot_eager``
+backend, which the row pass takes from them: the same graphs inductor would get, without its
+minutes of code generation on the CPU.
 """
 from __future__ import annotations
 
@@ -25,11 +26,6 @@ from meanflow.autodiff.rows import RowMixingError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
 from user_models import BatchNormMLP  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def aot_eager(monkeypatch):
-    monkeypatch.setattr(rows_compiled, "compile_graph", lambda graph: torch.compile(graph, backend="aot_eager"))
 
 
 def plain_dit(**options) -> PlainDiT:
@@ -203,3 +199,15 @@ def test_a_model_with_activation_checkpointing_runs_the_eager_row_pass():
         traced = step(model, compiled, x, labels)
     for a, b in zip(step(model, model, x, labels), traced):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_row_pass_is_compiled_with_the_models_backend():
+    seen = []
+
+    def backend(graph, inputs):
+        seen.append(sum(1 for node in graph.graph.nodes if node.op == "call_function"))
+        return graph.forward
+
+    model = plain_dit()
+    step(model, torch.compile(model, backend=backend), *batch())
+    assert len(seen) == 1 and seen[0] > 100  # the row pass's graph (the model itself never ran compiled)

@@ -212,7 +212,7 @@ def _rows(call: Call, rows: Tensor, tangent: Tangent) -> JVPOut:
     if hasattr(call.model, "_orig_mod"):  # torch.compile'd: the row pass is compiled too
         with model_rows(ordered.rows):
             out, out_tangent = compiled_row_jvp(
-                call.model._orig_mod, inputs, tangents, ordered.labels, ordered.conditioning, ordered.return_v, eager)
+                call.model, inputs, tangents, ordered.labels, ordered.conditioning, ordered.return_v, eager)
     else:
         out, out_tangent = eager()
     (u, v), du = ordered.split(out), ordered.split(out_tangent)[0]

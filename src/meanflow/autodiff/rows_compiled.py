@@ -6,8 +6,8 @@ every step (on a GPU, where a step is short, it dominated). Here the row pass is
 input signature by ``make_fx`` at the pre-dispatch level: the model's code and the tangent rules
 run on proxy tensors, and everything they compute, primal and tangent, is recorded as one graph of
 ATen ops above autograd, with the rules' gradient-off regions kept (the tangent stays out of
-autograd, as in the eager pass). That graph is compiled by ``torch.compile`` and called on later
-steps: no Python per op, and the tangent's kernels fuse with the primal's. Parameters and buffers
+autograd, as in the eager pass). That graph is compiled by ``torch.compile``, with the backend, mode and options the model was
+compiled with, and called on later steps: no Python per op, and the tangent's kernels fuse with the primal's. Parameters and buffers
 are inputs of the graph, passed on every call, so gradients reach them and optimizer updates are
 seen.
 
@@ -95,7 +95,7 @@ def _row_pass(model: nn.Module, layout: tuple[bool, ...], keys: tuple[str, ...],
 
 
 def compiled_row_jvp(
-    model: nn.Module,
+    compiled: nn.Module,
     inputs: tuple[Tensor, Tensor, Tensor],
     tangents: tuple[Tensor, Tensor | None, Tensor],
     labels: Tensor | None,
@@ -106,10 +106,11 @@ def compiled_row_jvp(
     """What ``row_jvp`` of ``model(z, r, t, labels, **conditioning)`` returns, through the compiled row pass.
 
     Args:
-        model: the module inside ``torch.compile`` (its ``_orig_mod``).
+        compiled: the model as ``torch.compile`` returned it; the row pass is compiled with its backend and options.
         inputs: z (B, ...), r (B,), t (B,); tangents: dz (n, ...), dr (n,) or None, dt (n,).
         eager: the eager row pass, called when the model cannot be traced (see the module docstring).
     """
+    model = compiled._orig_mod
     optional = (*inputs, *tangents, labels)
     layout = tuple(x is not None for x in optional)
     tensors = (*[x for x in optional if x is not None], *conditioning.values())
@@ -117,7 +118,7 @@ def compiled_row_jvp(
     state = dict(model.named_parameters()), dict(model.named_buffers())
     graphs = _GRAPHS.setdefault(model, {})
     if key not in graphs:
-        graphs[key] = _trace(model, _row_pass(model, layout, tuple(conditioning), return_v), state, tensors)
+        graphs[key] = _trace(compiled, _row_pass(model, layout, tuple(conditioning), return_v), state, tensors)
     graph = graphs[key]
     if isinstance(graph, str):
         return eager()
@@ -131,7 +132,7 @@ def _signature(model: nn.Module, tensors: Sequence[Tensor], *rest: Any) -> tuple
     return shapes, *rest, torch.is_grad_enabled(), autocast, model.training
 
 
-def _trace(model: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Sequence[Tensor]) -> Callable | str:
+def _trace(compiled: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Sequence[Tensor]) -> Callable | str:
     """The row pass traced and compiled, or why it runs eagerly (said once, as a warning)."""
     hazards = _TraceHazards()
     try:
@@ -143,12 +144,18 @@ def _trace(model: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Se
         reason = f"it could not be traced ({type(failure).__name__}: {str(failure).splitlines()[0][:200]})"
     else:
         if hazards.reason is None:
-            return compile_graph(graph)
+            return torch.compile(graph, backend=compile_backend(compiled))
         reason = hazards.reason
-    warnings.warn(f"the row tangent of the compiled {type(model).__name__} runs eagerly: {reason}", stacklevel=4)
+    warnings.warn(f"the row tangent of the compiled {type(compiled._orig_mod).__name__} runs eagerly: {reason}", stacklevel=4)
     return reason
 
 
-def compile_graph(graph: nn.Module) -> Callable:
-    """``torch.compile`` of a traced row pass (one home for its options)."""
-    return torch.compile(graph)
+def compile_backend(compiled: nn.Module) -> Any:
+    """The backend, with its mode and options, that ``torch.compile`` gave ``compiled`` ("inductor" if unreadable).
+
+    Read from the wrappers dynamo puts around the backend (``_torchdynamo_orig_backend``).
+    """
+    backend = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    while hasattr(backend, "_torchdynamo_orig_backend"):
+        backend = backend._torchdynamo_orig_backend
+    return backend if callable(backend) else "inductor"
