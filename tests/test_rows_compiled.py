@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
+import warnings
 import weakref
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import meanflow.autodiff.rows_compiled as rows_compiled
 from meanflow import MeanFlowLoss
 from meanflow.autodiff.jvp import Tangent, jvp
 from meanflow.autodiff.rows import RowMixingError
+from meanflow.runtime.per_sample import PerSampleDropout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
@@ -211,3 +213,32 @@ def test_the_row_pass_is_compiled_with_the_models_backend():
     model = plain_dit()
     step(model, torch.compile(model, backend=backend), *batch())
     assert len(seen) == 1 and seen[0] > 100  # the row pass's graph (the model itself never ran compiled)
+
+
+def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
+    """Under meanflow train's per-sample dropout the row pass is traced: the keys and the rows' global
+    indices are inputs of the graph (no random op in it, so any backend gives the same masks), and the
+    compiled step equals the eager one, mask for mask, for any step and rows; the masks do change."""
+    ops = []
+
+    def backend(graph, inputs):
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
+
+    model = plain_dit(dropout=0.3)
+    compiled = torch.compile(model, backend=backend)
+    x, labels = batch()
+    results = []
+    for step_index, first_row in ((2, 6), (3, 0)):  # another step, and the other half of the global batch
+        for net in (model, compiled):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no eager fallback
+                with PerSampleDropout(5, step_index, torch.arange(6) + first_row, 12):
+                    results.append(step(model, net, x, labels))
+    for eager, traced in (results[0:2], results[2:4]):
+        for a, b in zip(eager, traced):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(results[0][2], results[2][2])  # other masks
+    assert ops and not [op for op in ops if "rand" in op or "bernoulli" in op]  # the keys come in: no draw in the graph
+    graphs = rows_compiled._GRAPHS[model]
+    assert len(graphs) == 1 and callable(next(iter(graphs.values())))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..runtime.per_sample import replaying
 from .row_mode import Call, Rule, RowTangents, Track, aligned_rows, dims_argument, generic, rule
 
 aten = torch.ops.aten
@@ -743,7 +744,8 @@ def dropout(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     out = call.run()
     after = rng_state(x.device)
     set_rng_state(x.device, before)
-    scale = call.func(torch.ones_like(x), *call.args[1:], **call.kwargs)  # the same draw: mask / (1 - p)
+    with replaying():  # per-sample masks: the same key without the generator (also inside a trace)
+        scale = call.func(torch.ones_like(x), *call.args[1:], **call.kwargs)  # the same draw: mask / (1 - p)
     set_rng_state(x.device, after)
     ctx.set(out, track.tangent * rows_of(ctx, scale, track.dim), track.dim)
     return out

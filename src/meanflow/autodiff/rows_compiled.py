@@ -15,13 +15,17 @@ A signature is everything the trace depends on: the shapes and dtypes of the inp
 tangents are given, the grad and autocast modes, the model's training flag. A model that draws
 random numbers in its forward pass (dropout with p > 0) is not traced: the row pass gives the
 tangent the primal's mask by resetting the generator and drawing again, which a trace does not
-record. Nor is one that uses activation checkpointing, which a trace would flatten, keeping every
+record. Under ``meanflow train``'s per-sample dropout it is: there a mask is a hash of a key and
+of the rows' global indices, both inputs of the graph; the keys are drawn from the default
+generator just before each call, in the order the eager pass draws them, and the tangent's replay
+reuses its key, so the compiled pass's masks are the eager pass's. Nor is one that uses activation checkpointing, which a trace would flatten, keeping every
 activation. Such models run the eager row pass, as does a model whose trace fails, with a warning
 that says why; a model that mixes rows raises :class:`~meanflow.autodiff.rows.RowMixingError` as
 it does eagerly.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
+from ..runtime import per_sample
 from ..runtime.per_sample import inside_checkpoint
 from .rows import RowMixingError, row_jvp
 
@@ -46,8 +51,8 @@ _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | str]]" = w
 class _TraceHazards(TorchFunctionMode):
     """Records the first call a trace would get wrong, as the reason to run eagerly.
 
-    A random draw (dropout with p > 0 in training, a random fill): the generator resets that tie
-    the tangent's mask to the primal's are not recorded. A call inside activation checkpointing:
+    A random draw (dropout with p > 0 in training, a random fill; see :func:`_draws`): the generator
+    resets that tie the tangent's mask to the primal's are not recorded. A call inside activation checkpointing:
     traced flat, the recomputation that saves memory is gone.
     """
 
@@ -67,8 +72,15 @@ class _TraceHazards(TorchFunctionMode):
 
 
 def _draws(name: str, args: tuple, kwargs: dict) -> bool:
-    """Whether the torch call ``name(*args, **kwargs)`` draws random numbers."""
+    """Whether the torch call ``name(*args, **kwargs)`` draws random numbers a trace would get wrong.
+
+    Dropout under a :class:`~meanflow.runtime.per_sample.PerSampleDropout` (``meanflow train``) does
+    not: its mask is a hash of a key and of the rows' global indices, both inputs of the traced
+    graph (:func:`_trace`), and the tangent's replay reuses the key.
+    """
     if name in _DROPOUTS:
+        if per_sample.active() is not None:
+            return False
         p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
         training = kwargs.get("training", args[2] if len(args) > 2 else True)
         return bool(training) and p > 0
@@ -77,10 +89,14 @@ def _draws(name: str, args: tuple, kwargs: dict) -> bool:
     return name in _RANDOM
 
 
-def _row_pass(model: nn.Module, layout: tuple[bool, ...], keys: tuple[str, ...], return_v: bool) -> Callable:
+def _row_pass(model: nn.Module, layout: tuple[bool, ...], keys: tuple[str, ...], return_v: bool,
+              dropout: str | None = None) -> Callable:
     """fn(params, buffers, *tensors): ``row_jvp`` of ``model(z, r, t, labels, **conditioning)`` over (z, r, t).
 
-    ``tensors`` are z, r, t, dz, dr, dt, labels where ``layout`` says they are given, then the conditioning values.
+    ``tensors`` are z, r, t, dz, dr, dt, labels where ``layout`` says they are given, then the
+    conditioning values. Under per-sample dropout they end with the rows' global indices (n,), and
+    with ``dropout="keys"`` also the (L, 2) keys of the pass's L dropout draws (``"count"``: the
+    pass draws its keys itself, to count them).
     """
     extra = {"return_v": True} if return_v else {}
 
@@ -89,7 +105,17 @@ def _row_pass(model: nn.Module, layout: tuple[bool, ...], keys: tuple[str, ...],
         z, r, t, dz, dr, dt, labels = (next(it) if given else None for given in layout)
         kwargs = dict(zip(keys, it), **extra)
         run = lambda z_, r_, t_: torch.func.functional_call(model, (params, buffers), (z_, r_, t_, labels), kwargs)  # noqa: E731
-        return row_jvp(run, (z, r, t), (dz, dr, dt))
+        if dropout is None:
+            return row_jvp(run, (z, r, t), (dz, dr, dt))
+        mode = per_sample.active()
+        saved = mode.current, mode.keys, mode.last_key
+        mode.current = next(it)
+        if dropout == "keys":
+            mode.keys = iter(next(it).unbind(0))
+        try:
+            return row_jvp(run, (z, r, t), (dz, dr, dt))
+        finally:
+            mode.current, mode.keys, mode.last_key = saved
 
     return fn
 
@@ -110,15 +136,17 @@ def compiled_row_jvp(
         inputs: z (B, ...), r (B,), t (B,); tangents: dz (n, ...), dr (n,) or None, dt (n,).
         eager: the eager row pass, called when the model cannot be traced (see the module docstring).
     """
-    model = compiled._orig_mod
+    model, dropout = compiled._orig_mod, per_sample.active()
     optional = (*inputs, *tangents, labels)
     layout = tuple(x is not None for x in optional)
-    tensors = (*[x for x in optional if x is not None], *conditioning.values())
-    key = _signature(model, tensors, layout, tuple(conditioning), return_v)
+    tensors = (*[x for x in optional if x is not None], *conditioning.values(), *([dropout.current] if dropout else []))
+    key = _signature(model, tensors, layout, tuple(conditioning), return_v, dropout is not None)
     state = dict(model.named_parameters()), dict(model.named_buffers())
     graphs = _GRAPHS.setdefault(model, {})
     if key not in graphs:
-        graphs[key] = _trace(compiled, _row_pass(model, layout, tuple(conditioning), return_v), state, tensors)
+        row_pass = functools.partial(_row_pass, model, layout, tuple(conditioning), return_v)
+        with torch.random.fork_rng(devices=[d for d in {x.device for x in tensors} if d.type == "cuda"]):
+            graphs[key] = _trace(compiled, row_pass, state, tensors)  # the trace's draws leave the generators as they were
     graph = graphs[key]
     if isinstance(graph, str):
         return eager()
@@ -132,19 +160,34 @@ def _signature(model: nn.Module, tensors: Sequence[Tensor], *rest: Any) -> tuple
     return shapes, *rest, torch.is_grad_enabled(), autocast, model.training
 
 
-def _trace(compiled: nn.Module, fn: Callable, state: tuple[dict, dict], tensors: Sequence[Tensor]) -> Callable | str:
-    """The row pass traced and compiled, or why it runs eagerly (said once, as a warning)."""
-    hazards = _TraceHazards()
+def _trace(compiled: nn.Module, row_pass: Callable[..., Callable], state: tuple[dict, dict],
+           tensors: Sequence[Tensor]) -> Callable | str:
+    """The row pass traced and compiled, or why it runs eagerly (said once, as a warning).
+
+    Under per-sample dropout a first trace counts the L keys the pass draws; the second takes them
+    as an input, and each call draws them just before the graph runs, as the eager pass would.
+    """
+    hazards, dropout = _TraceHazards(), per_sample.active()
     try:
         with hazards:
-            graph = make_fx(fn, pre_dispatch=True)(*state, *tensors)
+            if dropout is None:
+                graph = make_fx(row_pass(), pre_dispatch=True)(*state, *tensors)
+            else:
+                drawn = dropout.drawn
+                make_fx(row_pass("count"), pre_dispatch=True)(*state, *tensors)
+                count, device = dropout.drawn - drawn, tensors[0].device
+                keys = torch.zeros(count, 2, dtype=torch.long, device=device)  # only their shape matters to the trace
+                graph = make_fx(row_pass("keys"), pre_dispatch=True)(*state, *tensors, keys)
     except RowMixingError:
         raise  # the model's own fault, compiled or not
     except Exception as failure:  # noqa: BLE001 - any other trace failure falls back to the exact eager pass
         reason = f"it could not be traced ({type(failure).__name__}: {str(failure).splitlines()[0][:200]})"
     else:
         if hazards.reason is None:
-            return torch.compile(graph, backend=compile_backend(compiled))
+            graph = torch.compile(graph, backend=compile_backend(compiled))
+            if dropout is None:
+                return graph
+            return lambda *args: graph(*args, per_sample.draw_keys(count, device))
         reason = hazards.reason
     warnings.warn(f"the row tangent of the compiled {type(compiled._orig_mod).__name__} runs eagerly: {reason}", stacklevel=4)
     return reason

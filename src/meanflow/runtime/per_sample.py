@@ -18,7 +18,10 @@ forward in a step gets the same key.
 
 Because the key comes from the default generator, code that replays a draw inside the forward
 by saving and restoring the generator state (a row-tangent rule that re-runs dropout on ones)
-gets the same mask again. Activation checkpointing recomputes its blocks in the backward pass,
+gets the same mask again; inside :func:`replaying` the key of the last draw is reused without
+the generator (what a traced row pass needs, as a trace does not record generator resets). A
+traced row pass also takes its keys as an input (``keys``), drawn just before the call by
+:func:`draw_keys` in the order the eager pass would draw them, so its masks equal the eager pass's. Activation checkpointing recomputes its blocks in the backward pass,
 outside this mode, where a dropout would draw an ordinary mask and the gradients would be wrong:
 a dropout inside ``torch.utils.checkpoint`` is therefore an error in the forward pass.
 Randomness drawn in the model by other means (``torch.rand`` on the default generator,
@@ -61,6 +64,9 @@ class PerSampleDropout(TorchFunctionMode):
         self.seed = derive_seed(seed, step, STREAMS["dropout"])
         self.base, self.total = rows.long(), int(total)
         self.current = self.base
+        self.replay, self.last_key = False, None  # see replaying()
+        self.keys: Iterator[Tensor] | None = None  # keys given in advance (a traced row pass), else drawn
+        self.drawn = 0  # keys drawn or taken so far
 
     def __enter__(self) -> "PerSampleDropout":
         torch.manual_seed(self.seed)
@@ -90,7 +96,13 @@ class PerSampleDropout(TorchFunctionMode):
                 "without activation checkpointing."
             )
         tail = x.shape[1:] if func in _ELEMENTWISE else (*x.shape[1:2], *([1] * (x.ndim - 2)))
-        keep = uniform(_key(x.device), self.row_ids(x.shape[0]).to(x.device), tuple(tail)) >= p  # (B', *tail)
+        if self.replay and self.last_key is not None:
+            key = self.last_key
+        else:
+            key = next(self.keys) if self.keys is not None else _key(x.device)
+            self.drawn += 1
+        self.last_key = key
+        keep = uniform(key, self.row_ids(x.shape[0]).to(x.device), tuple(tail)) >= p  # (B', *tail)
         scale = keep.to(x.dtype) / (1.0 - p) if p < 1.0 else keep.to(x.dtype)
         return x.mul_(scale) if inplace else x * scale
 
@@ -129,6 +141,34 @@ def model_rows(index: Tensor | None) -> Iterator[None]:
         yield
     finally:
         mode.current = previous
+
+
+def draw_keys(count: int, device: torch.device) -> Tensor:
+    """(count, 2) int64: the keys the next ``count`` dropout calls would draw, drawn now, in the same order."""
+    return torch.stack([_key(device) for _ in range(count)]) if count else torch.zeros(0, 2, dtype=torch.long, device=device)
+
+
+def active() -> PerSampleDropout | None:
+    """The innermost active :class:`PerSampleDropout`, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Inside: dropout draws reuse the key of the last one instead of drawing a new key.
+
+    For code that applies the mask of a dropout call again, to another tensor (the row tangent's
+    dropout rule, on ones): without a generator reset, which a trace (make_fx) does not record.
+    """
+    mode = active()
+    if mode is None:
+        yield
+        return
+    previous, mode.replay = mode.replay, True
+    try:
+        yield
+    finally:
+        mode.replay = previous
 
 
 def inside_checkpoint() -> bool:
