@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -405,17 +406,20 @@ def test_compiled_model_gives_the_eager_loss_and_gradients_under_the_row_tangent
 
 
 def test_training_with_compile_and_the_row_tangent_equals_eager_training(tmp_path):
-    """train.compile=true with jvp=rows trains (the row pass traced and compiled): the eager run's weights."""
+    """train.compile=true with jvp=rows trains (the row pass traced and compiled, per-sample dropout
+    included, with no eager fallback): the eager run's weights."""
     from meanflow.config import load_config
     from meanflow.runtime import checkpoint as ckpt
     from meanflow.training.trainer import train
 
     weights = []
     for compiled in ("false", "true"):
-        cfg = load_config("toy", ["data.num_samples=256", "data.holdout=64", "model.kwargs={width: 16, depth: 2}",
+        cfg = load_config("toy", ["data.num_samples=256", "data.holdout=64", "model.kwargs={width: 16, depth: 2, dropout: 0.2}",
                                   "train.batch_size=32", "train.steps=3", "train.device=cpu", "objective.jvp=rows",
                                   f"train.compile={compiled}"])
-        run = train(cfg, tmp_path / compiled)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="the row tangent of the compiled")
+            run = train(cfg, tmp_path / compiled)
         weights.append(ckpt.read_weights(ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:  # compiled kernels round differently
