@@ -6,22 +6,24 @@ every step (on a GPU, where a step is short, it dominated). Here the row pass is
 input signature by ``make_fx`` at the pre-dispatch level: the model's code and the tangent rules
 run on proxy tensors, and everything they compute, primal and tangent, is recorded as one graph of
 ATen ops above autograd, with the rules' gradient-off regions kept (the tangent stays out of
-autograd, as in the eager pass). That graph is compiled by ``torch.compile``, with the backend, mode and options the model was
-compiled with, and called on later steps: no Python per op, and the tangent's kernels fuse with the primal's. Parameters and buffers
-are inputs of the graph, passed on every call, so gradients reach them and optimizer updates are
-seen.
+autograd, as in the eager pass). That graph is compiled by ``torch.compile`` with the backend,
+mode and options the model was compiled with, and called on later steps: no Python per op, and
+the tangent's kernels fuse with the primal's. Parameters and buffers are inputs of the graph,
+passed on every call, so gradients reach them and optimizer updates are seen.
 
 A signature is everything the trace depends on: the shapes and dtypes of the inputs, which
-tangents are given, the grad and autocast modes, the model's training flag. A model that draws
-random numbers in its forward pass (dropout with p > 0) is not traced: the row pass gives the
-tangent the primal's mask by resetting the generator and drawing again, which a trace does not
-record. Under ``meanflow train``'s per-sample dropout it is: there a mask is a hash of a key and
-of the rows' global indices, both inputs of the graph; the keys are drawn from the default
-generator just before each call, in the order the eager pass draws them, and the tangent's replay
-reuses its key, so the compiled pass's masks are the eager pass's. Nor is one that uses activation checkpointing, which a trace would flatten, keeping every
-activation. Such models run the eager row pass, as does a model whose trace fails, with a warning
-that says why; a model that mixes rows raises :class:`~meanflow.autodiff.rows.RowMixingError` as
-it does eagerly.
+tangents are given, the grad and autocast modes, the model's training flag, whether per-sample
+dropout is on.
+
+Dropout under ``meanflow train``'s per-sample masks (:mod:`meanflow.runtime.per_sample`) is
+traced: a mask is a hash of a key and of the rows' global indices, both inputs of the graph; the
+keys are drawn from the default generator just before each call, in the order the eager pass
+draws them, and the tangent's replay reuses its key, so the compiled pass applies the eager pass's
+masks. Any other random draw is not traced (the eager row pass ties the tangent's mask to the
+primal's by a generator reset, which a trace does not record), nor is activation checkpointing (a
+trace would flatten it and keep every activation): such models, and models whose trace fails,
+run the eager row pass with a warning that says why. A model that mixes rows raises
+:class:`~meanflow.autodiff.rows.RowMixingError`, as it does eagerly.
 """
 from __future__ import annotations
 
@@ -51,9 +53,9 @@ _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | str]]" = w
 class _TraceHazards(TorchFunctionMode):
     """Records the first call a trace would get wrong, as the reason to run eagerly.
 
-    A random draw (dropout with p > 0 in training, a random fill; see :func:`_draws`): the generator
-    resets that tie the tangent's mask to the primal's are not recorded. A call inside activation checkpointing:
-    traced flat, the recomputation that saves memory is gone.
+    A random draw (see :func:`_draws`): the generator resets that tie the tangent's mask to the
+    primal's are not recorded. A call inside activation checkpointing: traced flat, the
+    recomputation that saves memory is gone.
     """
 
     def __init__(self):
@@ -65,7 +67,8 @@ class _TraceHazards(TorchFunctionMode):
         if self.reason is None:
             name = getattr(func, "__name__", "")
             if _draws(name, args, kwargs):
-                self.reason = f"its forward pass draws random numbers ({name}; a trace would not tie the tangent's draw to the primal's)"
+                self.reason = (f"its forward pass draws random numbers ({name}) outside meanflow train's per-sample "
+                               "dropout, where a trace would not tie the tangent's draw to the primal's")
             elif inside_checkpoint():
                 self.reason = "it uses activation checkpointing (torch.utils.checkpoint), which a trace would drop"
         return func(*args, **kwargs)
