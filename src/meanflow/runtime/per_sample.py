@@ -22,8 +22,9 @@ gets the same mask again; inside :func:`replaying` the key of the last draw is r
 the generator (what a traced row pass needs, as a trace does not record generator resets). A
 traced row pass also takes its keys as an input (``keys``), drawn just before the call by
 :func:`draw_keys` in the order the eager pass would draw them, so its masks equal the eager
-pass's. Activation checkpointing recomputes its blocks in the backward pass, outside this mode, where a dropout would draw an ordinary mask and the gradients would be wrong:
-a dropout inside ``torch.utils.checkpoint`` is therefore an error in the forward pass.
+pass's. Activation checkpointing recomputes its blocks in the backward pass, outside this mode,
+where a dropout would draw an ordinary mask and the gradients would be wrong: a dropout inside
+``torch.utils.checkpoint`` is therefore an error in the forward pass.
 Randomness drawn in the model by other means (``torch.rand`` on the default generator,
 ``alpha_dropout``) is not made per-sample; ``alpha_dropout`` and ``feature_alpha_dropout`` raise.
 """
