@@ -242,3 +242,15 @@ def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
     assert ops and not [op for op in ops if "rand" in op or "bernoulli" in op]  # the keys come in: no draw in the graph
     graphs = rows_compiled._GRAPHS[model]
     assert len(graphs) == 1 and callable(next(iter(graphs.values())))
+
+
+def test_a_model_moved_to_another_dtype_is_traced_again():
+    model = plain_dit()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, labels = batch()
+    step(model, compiled, x, labels)
+    model.double()
+    eager, traced = step(model, model, x.double(), labels), step(model, compiled, x.double(), labels)
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(rows_compiled._GRAPHS[model]) == 2

@@ -11,8 +11,8 @@ mode and options the model was compiled with, and called on later steps: no Pyth
 the tangent's kernels fuse with the primal's. Parameters and buffers are inputs of the graph,
 passed on every call, so gradients reach them and optimizer updates are seen.
 
-A signature is everything the trace depends on: the shapes and dtypes of the inputs, which
-tangents are given, the grad and autocast modes, the model's training flag, whether per-sample
+A signature is everything the trace depends on: the shapes and dtypes of the inputs and of the
+weights, which tangents are given, the grad and autocast modes, the model's training flag, whether per-sample
 dropout is on.
 
 Dropout under ``meanflow train``'s per-sample masks (:mod:`meanflow.runtime.per_sample`) is
@@ -143,8 +143,9 @@ def compiled_row_jvp(
     optional = (*inputs, *tangents, labels)
     layout = tuple(x is not None for x in optional)
     tensors = (*[x for x in optional if x is not None], *conditioning.values(), *([dropout.current] if dropout else []))
-    key = _signature(model, tensors, layout, tuple(conditioning), return_v, dropout is not None)
     state = dict(model.named_parameters()), dict(model.named_buffers())
+    key = _signature(model, tensors, [*state[0].values(), *state[1].values()], layout, tuple(conditioning), return_v,
+                     dropout is not None)
     graphs = _GRAPHS.setdefault(model, {})
     if key not in graphs:
         row_pass = functools.partial(_row_pass, model, layout, tuple(conditioning), return_v)
@@ -156,10 +157,11 @@ def compiled_row_jvp(
     return graph(*state, *tensors)
 
 
-def _signature(model: nn.Module, tensors: Sequence[Tensor], *rest: Any) -> tuple:
+def _signature(model: nn.Module, tensors: Sequence[Tensor], weights: Sequence[Tensor], *rest: Any) -> tuple:
+    """What a trace depends on: inputs' and weights' shapes, dtypes and devices, ``rest``, grad and autocast modes, train/eval."""
     device = tensors[0].device.type
     autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    shapes = tuple((tuple(x.shape), x.dtype, x.device) for x in tensors)
+    shapes = tuple((tuple(x.shape), x.dtype, x.device) for x in (*tensors, *weights))
     return shapes, *rest, torch.is_grad_enabled(), autocast, model.training
 
 
