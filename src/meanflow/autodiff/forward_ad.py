@@ -43,6 +43,7 @@ class LeanTangents(TorchFunctionMode):
         return fwAD.make_dual(out, func(tangent, weight.detach(), None, *rest, **kwargs))
 
 
+@sdpa_kernel(SDPBackend.MATH)  # PyTorch's fused attention kernels have no forward-mode rule
 def forward_jvp(
     fn: Callable[..., Tensor | tuple[Tensor, Tensor]],
     primals: Sequence[Tensor],
@@ -66,12 +67,6 @@ def forward_jvp(
     Returns:
         (out, d_out, aux): out and aux carry gradients as a plain call would; d_out is detached.
     """
-    with sdpa_kernel(SDPBackend.MATH):  # PyTorch's fused attention kernels have no forward-mode rule
-        return _forward_jvp(fn, primals, tangents, has_aux, compiled)
-
-
-def _forward_jvp(fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor | None], has_aux: bool, compiled: bool):
-    """:func:`forward_jvp` inside its attention-kernel choice."""
     if compiled:
         active = [i for i, tangent in enumerate(tangents) if tangent is not None]
 

@@ -82,11 +82,8 @@ def _draws(name: str, args: tuple, kwargs: dict) -> bool:
     graph (:func:`_trace`), and the tangent's replay reuses the key.
     """
     if name in _DROPOUTS:
-        if per_sample.active() is not None:
-            return False
-        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-        training = kwargs.get("training", args[2] if len(args) > 2 else True)
-        return bool(training) and p > 0
+        _, p, training, _ = per_sample.dropout_args(args, kwargs)
+        return per_sample.active() is None and training and p > 0
     if name == "scaled_dot_product_attention":
         return kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0) > 0
     return name in _RANDOM

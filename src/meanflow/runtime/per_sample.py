@@ -84,7 +84,7 @@ class PerSampleDropout(TorchFunctionMode):
             raise NotImplementedError(f"{func.__name__} is not drawn per sample; use dropout, or turn it off for world-size-invariant training")
         if func not in _ELEMENTWISE and func not in _CHANNELWISE:
             return func(*args, **kwargs)
-        x, p, training, inplace = _dropout_args(args, kwargs)
+        x, p, training, inplace = dropout_args(args, kwargs)
         if not training or p == 0.0:
             return func(*args, **kwargs)
         if not 0.0 <= p <= 1.0:
@@ -227,7 +227,7 @@ def _mul32(x: Tensor, c: int) -> Tensor:
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
-def _dropout_args(args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]:
+def dropout_args(args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]:
     """(input, p, training, inplace) of a call to F.dropout / torch.dropout / F.dropoutNd."""
     names = ("input", "p", "training", "inplace")
     values = dict(zip(names, args))
@@ -235,4 +235,4 @@ def _dropout_args(args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]
     return values["input"], float(values.get("p", 0.5)), bool(values.get("training", True)), bool(values.get("inplace", False))
 
 
-__all__ = ["PerSampleDropout", "model_rows", "uniform"]
+__all__ = ["PerSampleDropout", "active", "draw_keys", "dropout_args", "inside_checkpoint", "model_rows", "replaying", "uniform"]
