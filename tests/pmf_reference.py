@@ -176,6 +176,7 @@ class OfficialMiT(nn.Module):
     classes: int = 1000
     channels: int = 3
     head_depth: int = 8
+    bottleneck: int = 0  # 0: the official rule, 128 up to width 1024, else 256 (the tests' small network sets its own)
     eval: bool = False
 
     @nn.compact
@@ -186,7 +187,7 @@ class OfficialMiT(nn.Module):
         for i, (name, value) in enumerate((("omega_embedder", 1 - 1 / omega), ("cfg_t_start_embedder", t_min),
                                            ("cfg_t_end_embedder", t_max), ("h_embedder", h)), start=1):
             seq[i] = seq[i] + Scalar(d, name=name)(value)[:, None]
-        patches = Patches(self.patch, 128 if d <= 1024 else 256, d, name="x_embedder")(x)
+        patches = Patches(self.patch, self.bottleneck or (128 if d <= 1024 else 256), d, name="x_embedder")(x)
         seq = jnp.concatenate([jnp.broadcast_to(s, (x.shape[0], *s.shape[1:])) for s in seq] + [patches], axis=1)
         seq = seq + self.param("pos_embed", nn.initializers.normal(0.02), (1, seq.shape[1], d))
         table = rope_table(d // self.heads, side)

@@ -68,13 +68,19 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
 
     ``ema=True`` loads ``ema.safetensors`` (the field's convention for reported numbers); a
     ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file is read as a released
-    iMF checkpoint (:mod:`meanflow.models.imf_weights`).
+    iMF checkpoint (:mod:`meanflow.models.imf_weights`); any other existing path that is not a run
+    goes through :func:`~meanflow.models.pretrained.load_pretrained` (released pMF checkpoints).
     """
     path = Path(path)
     if path.suffix in OFFICIAL_SUFFIXES and path.is_file():
         model = load_official_imf(path, device=device)
         return model, official_meta(model)
-    directory = ckpt.resolve_checkpoint(path)
+    try:
+        directory = ckpt.resolve_checkpoint(path)
+    except FileNotFoundError:
+        if not path.exists():
+            raise
+        return _released(path, ema, device)
     meta = ckpt.read_meta(directory)
     weights_file = path if path.suffix == ".safetensors" else directory / ("ema.safetensors" if ema else "model.safetensors")
     model = build_model(meta["model"])
@@ -83,3 +89,14 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     except RuntimeError as err:
         raise RuntimeError(f"weights in {weights_file} do not match the model recorded in {directory}/meta.json: {err}") from err
     return model.to(device).eval(), meta
+
+
+def _released(path: Path, ema: bool, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """(eval-mode model, meta) of released weights whose format records the data they generate."""
+    from .pretrained import load_pretrained  # noqa: PLC0415 (pretrained imports this module)
+
+    loaded = load_pretrained(path, weights="ema" if ema else "model")
+    if "meta" not in loaded.info:
+        raise ValueError(f"{path} holds {loaded.format} weights, which do not record the data they generate; "
+                         f"make a run of them first: meanflow import {path} --out RUN_DIR")
+    return loaded.model.to(device).eval(), loaded.info["meta"]

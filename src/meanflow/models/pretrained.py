@@ -110,19 +110,23 @@ class Source:
             raise FileNotFoundError(f"no checkpoint at {self.path}")
 
     @cached_property
+    def head(self) -> bytes:
+        """The first 4 bytes of a file (b"" for a directory)."""
+        if not self.path.is_file():
+            return b""
+        with self.path.open("rb") as f:
+            return f.read(4)
+
+    @cached_property
     def is_torch_file(self) -> bool:
         """A file written by ``torch.save`` (zip container holding ``data.pkl``, or the legacy pickle stream)."""
-        if not self.path.is_file():
-            return False
-        with self.path.open("rb") as f:
-            head = f.read(4)
-        return head[:1] == b"\x80" or (head.startswith(b"PK") and _holds_pickle(self.path))
+        return self.head[:1] == b"\x80" or (self.head.startswith(b"PK") and _holds_pickle(self.path))
 
     @cached_property
     def unpacked(self) -> Path:
         """The path itself, or for a zip archive that is not a torch.save file the directory it
         unpacks to (a temporary directory, removed with this Source; a single top folder is entered)."""
-        if not self.path.is_file() or self.is_torch_file or not zipfile.is_zipfile(self.path):
+        if not self.head.startswith(b"PK") or self.is_torch_file:
             return self.path
         self._unzipped = tempfile.TemporaryDirectory(prefix="meanflow-unzip-")
         root = Path(self._unzipped.name)
@@ -309,8 +313,9 @@ def _holds_pickle(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return True  # a damaged zip: torch.load names the damage
+    except (zipfile.BadZipFile, OSError, EOFError):  # damaged (truncated): the first entries' local headers still name them
+        with path.open("rb") as f:
+            return b"data.pkl" in f.read(1 << 20)
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -657,12 +662,12 @@ def _load_flax(source: Source, preset: str | None, weights: str, input_size: int
     key = "ema_params" if weights == "ema" else "params"
     if "params" not in tree:
         raise PretrainedError(f"{source.path} has no 'params' (top-level keys: {sorted(tree)}): not a flax TrainState checkpoint")
-    if key not in tree:
-        raise PretrainedError(f"{source.path} has no '{key}' (keys: {sorted(tree)}); weights='model' takes 'params'")
     net = tree["params"].get("net", tree["params"])
     if not isinstance(net, dict) or "x_embedder" not in net or not any(re.fullmatch(r"blocks(_\d+)?", k) for k in net):
         raise PretrainedError(f"{source.path} is a flax checkpoint of an unknown layout: its params hold {', '.join(sorted(net)[:12])}; "
                               "known: the MeanFlow DiT (x_embedder, blocks) and the pMF MiT (x_embedder, shared_blocks_<i>)")
+    if key not in tree:
+        raise PretrainedError(f"{source.path} has no '{key}' (keys: {sorted(tree)}); weights='model' takes 'params'")
     state = read_flax_state(source.flax_checkpoint, keep=lambda t: {k: t[k] for k in (key, "step") if k in t})
     ours = flax_dit_state(state[key])
     spec = _dit_spec(ours, preset, input_size, str(source.path))
