@@ -26,7 +26,6 @@ The sampling prior of the official recipe is N(0, noise_scale^2) (1, 2 or 4 by m
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from torch import nn
 
 from .dit import check_image, unpatchify
 from .embeddings import TimestepEmbedder
-from .imf_dit import PREFIX, _per_sample
+from .imf_dit import PREFIX, _per_sample, init_in_context
 from .registry import Family, register
 
 T_CLIP = 0.05  # u = (z - x_hat) / clip(t, T_CLIP, 1)
@@ -220,27 +219,13 @@ class MiT(nn.Module):
         return RECOMMENDED_GUIDANCE.get(self.preset, (1.0, (0.0, 1.0)))
 
     def reset_parameters(self, token_init: float = 1.0, embedding_init: float = 1.0, weight_init: float = 0.32) -> None:
-        """The official initialisation: tokens and label table ~ N(0, c / sqrt(D)), linear weights
-        ~ N(0, c / sqrt(fan_in)), positions ~ N(0, 0.02), Xavier patch convolutions, zero gates and outputs."""
-        hidden = self.pos_embed.shape[1]
-        for group, _ in PREFIX:
-            nn.init.normal_(getattr(self, f"{group}_tokens"), std=token_init / math.sqrt(hidden))
-        nn.init.normal_(self.y_embedder.weight, std=embedding_init / math.sqrt(hidden))
+        """The official initialisation (:func:`~meanflow.models.imf_dit.init_in_context`), positions
+        ~ N(0, 0.02) and Xavier-uniform patch convolutions (fan in p * p * C, fan out D, as flax)."""
+        init_in_context(self, token_init, embedding_init, weight_init)
         nn.init.normal_(self.pos_embed, std=0.02)
-        for embedder in (self.h_embedder, self.omega_embedder, self.cfg_t_start_embedder, self.cfg_t_end_embedder):
-            for layer in (embedder.mlp[0], embedder.mlp[2]):
-                nn.init.normal_(layer.weight, std=embedding_init / math.sqrt(layer.in_features))
-                nn.init.zeros_(layer.bias)
-        for blocks in filter(None, (self.shared_blocks, self.u_heads, self.v_heads)):
-            for module in blocks.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=weight_init / math.sqrt(module.in_features))
         for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
-            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))  # fan in p * p * C, fan out D, as flax
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
             nn.init.zeros_(conv.bias)
-        for final in filter(None, (self.u_final_layer, self.v_final_layer)):
-            nn.init.zeros_(final.linear.weight)
-            nn.init.zeros_(final.linear.bias)
 
     def forward(
         self,
