@@ -138,6 +138,9 @@ def test_official_prior_scales_and_guidance():
     with torch.device("meta"):
         b16 = create("pmf-b/16")
     assert b16.default_guidance(1) == (8.5, (0.1, 0.7)) and b16.input_size == (256, 256)
+    # configs/eval_config.yml (main, hsdp) and the torch branch's evaluation commands: omega, (t_min, t_max)
+    assert RECOMMENDED_GUIDANCE == {"pmf-b/16": (8.5, (0.1, 0.7)), "pmf-l/16": (7.0, (0.2, 0.7)), "pmf-h/16": (7.0, (0.2, 0.6)),
+                                    "pmf-b/32": (6.5, (0.1, 0.7)), "pmf-l/32": (7.5, (0.2, 0.6)), "pmf-h/32": (5.5, (0.1, 0.6))}
     assert build().default_guidance(1) == (1.0, (0.0, 1.0))
 
 

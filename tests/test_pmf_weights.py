@@ -22,7 +22,7 @@ import pmf_reference as official  # noqa: E402
 
 from meanflow.cli import main  # noqa: E402
 from meanflow.data.images import to_uint8  # noqa: E402
-from meanflow.models.pmf_weights import OFFICIAL_EMA, architecture, choose_weights, official_preset  # noqa: E402
+from meanflow.models.pmf_weights import OFFICIAL_EMA, architecture, choose_weights, official_preset, shapes_of  # noqa: E402
 from meanflow.models.pretrained import PretrainedError, from_pretrained, load_pretrained  # noqa: E402
 from meanflow.runtime.seeding import step_generator  # noqa: E402
 
@@ -108,6 +108,8 @@ def test_default_is_the_official_ema_or_the_only_one(released):
     assert load_pretrained(released["infer"]).weights.startswith("ema_params[2000]")
     with pytest.raises(PretrainedError, match=r"EMAs ema500, ema1000, ema2000 and none is the official choice.*weights="):
         load_pretrained(released["full"])  # a size of no released model: which EMA is not ours to guess
+    # the official evaluation configs (configs/eval_config.yml of branches main and hsdp): emas per model
+    assert OFFICIAL_EMA == {"pmf-b/16": "2000", "pmf-b/32": "2000", "pmf-l/16": "1000", "pmf-l/32": "2000", "pmf-h/16": "1000", "pmf-h/32": "500"}
     choices = {f"ema{k}": ("ema_params", str(k)) for k in EMAS} | {"model": ("params",)}
     assert {p: choose_weights("ema", choices, p, "f") for p in OFFICIAL_EMA} == {p: f"ema{k}" for p, k in OFFICIAL_EMA.items()}
     with pytest.raises(PretrainedError, match=r"has no weights 'ema3'; it holds: ema500, ema1000, ema2000, model"):
@@ -121,7 +123,7 @@ def test_official_sizes_are_recognised_from_shapes_alone():
     for theirs, preset in names.items():
         config = official.official_config(theirs, eval=True)
         shapes = jax.eval_shape(official.PixelMeanFlow(config).init, jax.random.PRNGKey(0), *official.example_inputs(1, config["size"]))
-        arch = architecture(shapes["params"]["net"])
+        arch = architecture(shapes_of(shapes["params"]["net"]))
         assert official_preset(arch) == preset and arch["num_classes"] == 1000 and not arch["v_head"]
 
 
@@ -205,3 +207,69 @@ def test_hub_id_missing_offline_says_what_to_fetch(offline_cache):
         from_pretrained("Lyy0725/pMF", filename="pMF-L-16.zip")
     with pytest.raises(PretrainedError, match="pass filename= too"):
         load_pretrained("Lyy0725/pMF", revision="main")
+
+
+# --- the PyTorch port's released .pt files (branch torch): the state dict of pixelMeanFlow(eval=True) ------------
+
+def torch_port_state(params: dict) -> dict[str, torch.Tensor]:
+    """The port's key names and layouts for the reference's params, written from a reading of the port:
+    modules as in the JAX code with torch layouts, linear layers wrapped in ``_flax_linear``, the label
+    table in ``embedding_table._flax_embedding``, tokens and positions (1, n, D), a complex rotary buffer."""
+    net, out = params["net"], {}
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+
+    def linear(prefix: str, node: dict) -> None:
+        out[f"{prefix}._flax_linear.weight"] = t(node["_flax_linear"]["kernel"]).T
+        if "bias" in node["_flax_linear"]:
+            out[f"{prefix}._flax_linear.bias"] = t(node["_flax_linear"]["bias"])
+
+    for conv in ("proj1", "proj2"):
+        out[f"net.x_embedder.{conv}.weight"] = t(net["x_embedder"][conv]["kernel"]).permute(3, 2, 0, 1)
+        out[f"net.x_embedder.{conv}.bias"] = t(net["x_embedder"][conv]["bias"])
+    for name in ("h_embedder", "omega_embedder", "cfg_t_start_embedder", "cfg_t_end_embedder"):
+        for i in (0, 2):
+            linear(f"net.{name}.mlp.{i}", net[name]["mlp"][f"layers_{i}"])
+    out["net.y_embedder.embedding_table._flax_embedding.weight"] = t(net["y_embedder"]["embedding_table"]["embedding"])[0]
+    for name in (*official.PREFIX, "pos_embed"):
+        out[f"net.{name}"] = t(net[name])
+    out["net.rope_freqs"] = torch.from_numpy(np.array(official.rope_table(16, 4)))
+    for group, count in (("shared_blocks", 2), ("u_heads", 2)):
+        for i in range(count):
+            block, prefix = net[f"{group}_{i}"], f"net.{group}.{i}"
+            for norm in ("norm1", "norm2"):
+                out[f"{prefix}.{norm}.weight"] = t(block[norm]["kernel"])
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                linear(f"{prefix}.attn.{proj}", block["attn"][proj])
+            for norm in ("q_norm", "k_norm"):
+                out[f"{prefix}.attn.{norm}.weight"] = t(block["attn"][norm]["kernel"])
+            for w in ("w1", "w2", "w3"):
+                linear(f"{prefix}.mlp.{w}", block["mlp"][w])
+            out[f"{prefix}.attn_scale"], out[f"{prefix}.mlp_scale"] = t(block["attn_scale"]), t(block["mlp_scale"])
+    out["net.u_final_layer.norm.weight"] = t(net["u_final_layer"]["norm"]["kernel"])
+    linear("net.u_final_layer.linear", net["u_final_layer"]["linear"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_pytorch_port_file_gives_the_official_networks_outputs(released, tmp_path):
+    torch.save(torch_port_state(released["ema_infer"]), tmp_path / "pMF-tiny.pt")
+    loaded = load_pretrained(tmp_path / "pMF-tiny.pt")
+    assert loaded.format == "pmf-official" and loaded.weights.startswith("the file's only weights")
+    assert_same(ours(loaded.model)[0], reference(released["ema_infer"], eval=True)[0])
+    from meanflow.models import load_model
+
+    model, meta = load_model(tmp_path / "pMF-tiny.pt")  # what meanflow sample / eval read
+    assert meta["data"]["kind"] == "images" and meta["data"]["sample_shape"] == [3, 16, 16] and meta["data"]["num_classes"] == 10
+    with pytest.raises(PretrainedError, match="one set of weights"):
+        load_pretrained(tmp_path / "pMF-tiny.pt", weights="model")
+
+
+def test_hub_id_loads_the_imf_release_the_same_way(tmp_path, offline_cache):
+    from test_imf_weights import official_state
+
+    torch.save(official_state(), tmp_path / "iMF-B-2.pth")
+    put_in_cache(offline_cache, "Lyy0725/iMF", "iMF-B-2.pth", tmp_path / "iMF-B-2.pth")
+    loaded = load_pretrained("Lyy0725/iMF", filename="iMF-B-2.pth", input_size=8)
+    direct = load_pretrained(tmp_path / "iMF-B-2.pth", input_size=8)
+    assert loaded.format == "imf-official" and loaded.info["source"].endswith("iMF-B-2.pth")
+    for a, b in zip(loaded.model.state_dict().values(), direct.model.state_dict().values()):
+        assert torch.equal(a, b)

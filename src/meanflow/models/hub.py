@@ -14,9 +14,9 @@ from pathlib import Path
 
 from .pretrained import PretrainedError
 
-# The official releases on the hub: repository -> files (READMEs of Lyy-iiis/pMF, Lyy-iiis/imeanflow).
+# The official releases on the hub: repository -> files (READMEs of Lyy-iiis/pMF main and torch, Lyy-iiis/imeanflow torch).
 RELEASES = {
-    "Lyy0725/pMF": tuple(f"pMF-{size}-{patch}{kind}.zip" for size in "BLH" for patch in (16, 32) for kind in ("", "-full")),
+    "Lyy0725/pMF": tuple(f"pMF-{size}-{patch}{kind}" for size in "BLH" for patch in (16, 32) for kind in (".zip", "-full.zip", ".pt")),
     "Lyy0725/iMF": tuple(f"iMF-{size}-2.pth" for size in ("B", "M", "L", "XL")),
 }
 

@@ -13,10 +13,9 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..runtime import checkpoint as ckpt
-from .imf_weights import load_official_imf, official_meta
 from .registry import available, create, family
 
-OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF weights (torch.save of a state dict)
+OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF / pMF weights of the PyTorch ports (torch.save of a state dict)
 
 
 def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -67,14 +66,13 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     """(eval-mode model, checkpoint meta) from a run dir, checkpoint dir or ``*.safetensors`` file.
 
     ``ema=True`` loads ``ema.safetensors`` (the field's convention for reported numbers); a
-    ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file is read as a released
-    iMF checkpoint (:mod:`meanflow.models.imf_weights`); any other existing path that is not a run
-    goes through :func:`~meanflow.models.pretrained.load_pretrained` (released pMF checkpoints).
+    ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file, and any other existing
+    path that is not a run, is read as released weights by :func:`~meanflow.models.pretrained.load_pretrained`
+    (iMF and pMF checkpoints, whose formats record the data they generate).
     """
     path = Path(path)
     if path.suffix in OFFICIAL_SUFFIXES and path.is_file():
-        model = load_official_imf(path, device=device)
-        return model, official_meta(model)
+        return _released(path, ema, device)
     try:
         directory = ckpt.resolve_checkpoint(path)
     except FileNotFoundError:

@@ -1,4 +1,5 @@
-"""The released pMF checkpoints (Lyy-iiis/pMF): ``pMF-{B,L,H}-{16,32}.zip`` and their ``-full`` twins.
+"""The released pMF checkpoints (Lyy-iiis/pMF): ``pMF-{B,L,H}-{16,32}.zip``, their ``-full`` twins,
+and the PyTorch port's ``pMF-{B,L,H}-{16,32}.pt`` (branch ``torch``).
 
 Each zip holds a flax ``TrainState`` written by ``flax.training.checkpoints`` (an Orbax directory):
 ``params`` and ``ema_params`` of the official ``pixelMeanFlow``, whose network is ``net`` (the
@@ -14,6 +15,11 @@ prior scale and sampling guidance), and a ``preset`` that is not what the file h
 Names map by renaming: flax kernels transposed, ``shared_blocks_3`` -> ``shared_blocks.3``, the
 leading axis of the token, position and label tables dropped. A missing, extra or misshaped tensor
 is an error that names it.
+
+The PyTorch port's ``.pt`` file is the state dict of its ``pixelMeanFlow(eval=True)``: the network
+under ``net.``, linear layers wrapped as ``<layer>._flax_linear``, the label table as
+``embedding_table._flax_embedding``, the rotary table stored as a buffer (``rope_freqs``, not
+read: ours is computed); one set of weights, the released EMA.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .imf_weights import rename_official
+from .imf_dit import PREFIX
 from .mit import NOISE_SCALE, PMF_PRESETS
 from .pretrained import Format, Loaded, PretrainedError, Source, fill, read_flax_state, register_format, torch_layout
 
@@ -30,7 +38,7 @@ FORMAT = "pmf-official"
 # (configs/eval_config.yml of branches main and hsdp: `emas`).
 OFFICIAL_EMA = {"pmf-b/16": "2000", "pmf-b/32": "2000", "pmf-l/16": "1000", "pmf-l/32": "2000", "pmf-h/16": "1000", "pmf-h/32": "500"}
 _BLOCK = re.compile(r"^(shared_blocks|u_heads|v_heads)_(\d+)\.")
-_TABLES = re.compile(r"^(\w+_tokens|pos_embed|y_embedder\.embedding_table\.weight)$")
+_TABLES = re.compile(r"^(\w+_tokens|pos_embed|y_embedder\.weight)$")  # stored (1, n, D) officially
 
 
 def net_tree(params: Any) -> dict[str, Any] | None:
@@ -73,21 +81,27 @@ def is_official_pmf(tree: dict[str, Any]) -> bool:
     return isinstance(tree, dict) and bool(weight_choices(tree))
 
 
-def architecture(net: dict[str, Any]) -> dict[str, Any]:
-    """Sizes of a pmfDiT tree from its leaves' shapes (no array is read): see :class:`~meanflow.models.mit.MiT`."""
+def architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Sizes of a MiT from its state dict's shapes (meta tensors will do): see :class:`~meanflow.models.mit.MiT`."""
     try:
-        patch, _, in_channels, bottleneck = net["x_embedder"]["proj1"]["kernel"].shape
-        hidden = net["x_embedder"]["proj2"]["kernel"].shape[-1]
-        head_dim = net["u_heads_0"]["attn"]["q_norm"]["kernel"].shape[0]
-        classes = net["y_embedder"]["embedding_table"]["embedding"].shape[1] - 1
-        tokens = net["pos_embed"].shape[1] - sum(net[name].shape[1] for name in net if name.endswith("_tokens"))
+        bottleneck, in_channels, patch, _ = state["x_embedder.proj1.weight"].shape
+        hidden = state["x_embedder.proj2.weight"].shape[0]
+        head_dim = state["u_heads.0.attn.q_norm.weight"].shape[0]
+        classes = state["y_embedder.weight"].shape[0] - 1
+        tokens = state["pos_embed"].shape[0] - sum(state[f"{group}_tokens"].shape[0] for group, _ in PREFIX)
     except KeyError as err:
         raise PretrainedError(f"the pMF weights lack {err.args[0]!r}: the checkpoint is incomplete or of another network") from None
-    count = lambda group: len([k for k in net if re.fullmatch(rf"{group}_\d+", k)])  # noqa: E731
+    count = lambda group: len({m.group(1) for key in state if (m := re.match(rf"{group}\.(\d+)\.", key))})  # noqa: E731
     side = round(tokens**0.5)
     return dict(in_channels=int(in_channels), input_size=int(side * patch), num_classes=int(classes), depth=count("shared_blocks") + count("u_heads"),
                 hidden=int(hidden), heads=int(hidden // head_dim), patch=int(patch), head_depth=count("u_heads"),
                 bottleneck=int(bottleneck), v_head=count("v_heads") > 0)
+
+
+def shapes_of(net: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Our state dict of a pmfDiT tree as meta tensors: the names and shapes, no array read or allocated."""
+    meta = lambda tree: {k: meta(v) if isinstance(v, dict) else torch.empty(tuple(v.shape), device="meta") for k, v in tree.items()}  # noqa: E731
+    return pmf_state(meta(net))
 
 
 def official_preset(arch: dict[str, Any]) -> str | None:
@@ -101,14 +115,23 @@ def official_preset(arch: dict[str, Any]) -> str | None:
 
 def pmf_state(net: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A pmfDiT's flax params -> our MiT's state dict (names and layouts)."""
-    out = {}
-    for name, value in torch_layout(net).items():
-        name = _BLOCK.sub(r"\1.\2.", name)
-        if _TABLES.match(name):
-            value = value[0]
-            name = name.replace(".embedding_table", "")
-        out[name] = value
-    return out
+    renamed = {_BLOCK.sub(r"\1.\2.", name).replace(".embedding_table", ""): value for name, value in torch_layout(net).items()}
+    return _drop_leading_axis(renamed)
+
+
+def torch_port_state(payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The PyTorch port's state dict (keys ``net.*``) -> our MiT's (its rotary buffer left out)."""
+    renamed = rename_official(payload)
+    return _drop_leading_axis({k: v for k, v in renamed.items() if k != "rope_freqs"})
+
+
+def _drop_leading_axis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v[0] if _TABLES.match(k) and v.ndim == 3 else v for k, v in state.items()}
+
+
+def is_torch_port(payload: Any) -> bool:
+    """Whether an unpickled object is the PyTorch port's pMF state dict."""
+    return isinstance(payload, dict) and "net.x_embedder.proj1.weight" in payload and "net.shared_blocks.0.norm1.weight" in payload
 
 
 def choose_weights(weights: str, choices: dict[str, tuple[str, ...]], preset: str | None, what: str) -> str:
@@ -144,18 +167,30 @@ def official_meta(spec: dict[str, Any], step: Any) -> dict[str, Any]:
 
 
 def _detect(source: Source) -> bool:
+    if source.is_torch_file:
+        return is_torch_port(source.torch_payload)
     return source.flax_checkpoint is not None and is_official_pmf(source.flax_tree)
 
 
 def _load(source: Source, preset: str | None, weights: str) -> Loaded:
-    tree, what = source.flax_tree, str(source.path)
-    choices = weight_choices(tree)
-    arch = architecture(net_tree(_subtree(tree, next(iter(choices.values())))))
+    return _load_torch_port(source, preset, weights) if source.is_torch_file else _load_flax(source, preset, weights)
+
+
+def _sized(shapes: dict[str, torch.Tensor], preset: str | None, what: str) -> tuple[dict[str, Any], str | None]:
+    """(sizes, official preset or None) of weights with these shapes; a ``preset`` they are not is an error."""
+    arch = architecture(shapes)
     found = official_preset(arch)
     if preset is not None and preset != found:
         sizes = ", ".join(f"{k} {v}" for k, v in arch.items())
         raise PretrainedError(f"{what} holds {found or 'a pMF MiT of no official size'} ({sizes}), not {preset}"
                               + ("; drop preset= or pass " + found if found else "; drop preset="))
+    return arch, found
+
+
+def _load_flax(source: Source, preset: str | None, weights: str) -> Loaded:
+    tree, what = source.flax_tree, str(source.path)
+    choices = weight_choices(tree)
+    arch, found = _sized(shapes_of(net_tree(_subtree(tree, next(iter(choices.values()))))), preset, what)
     key = choose_weights(weights, choices, found, what)
     path = choices[key]
     state = read_flax_state(source.flax_checkpoint, keep=lambda t: {**{k: t[k] for k in ("step",) if k in t}, path[0]: _nest(t[path[0]], path[1:])})
@@ -164,6 +199,16 @@ def _load(source: Source, preset: str | None, weights: str) -> Loaded:
     step = _step(state.get("step"))
     taken = {"model": "params (raw weights)", "ema": "ema_params (EMA)"}.get(key, f"ema_params[{path[-1]}] (EMA, half-life {path[-1]}k images)")
     return Loaded(model, spec, FORMAT, f"{taken}, step {step}", info={"step": step, "meta": official_meta(spec, step)})
+
+
+def _load_torch_port(source: Source, preset: str | None, weights: str) -> Loaded:
+    if weights != "ema":
+        raise PretrainedError(f"{source.path} holds one set of weights (the released EMA): use weights='ema'")
+    state = torch_port_state(source.torch_payload)
+    arch, found = _sized(state, preset, str(source.path))
+    spec = spec_of(arch, found)
+    model = fill(spec, state, str(source.path))
+    return Loaded(model, spec, FORMAT, "the file's only weights (the released EMA)", info={"meta": official_meta(spec, None)})
 
 
 def _nest(node: Any, path: tuple[str, ...]) -> Any:
@@ -175,5 +220,6 @@ def _step(value: Any) -> int | None:
     return None if value is None else int(torch.as_tensor(value).reshape(-1)[0])
 
 
-register_format(Format(FORMAT, "released pMF checkpoints pMF-{B,L,H}-{16,32}[-full].zip (flax Orbax TrainState of pixelMeanFlow, net = pmfDiT)",
+register_format(Format(FORMAT, "released pMF checkpoints pMF-{B,L,H}-{16,32}[-full].zip (flax Orbax TrainState of pixelMeanFlow) "
+                       "and the PyTorch port's pMF-*.pt",
                        _detect, _load), before="flax-meanflow")

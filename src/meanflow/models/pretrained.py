@@ -59,6 +59,7 @@ from ..config import load_config, save_config
 from ..runtime import checkpoint as ckpt
 from .dit import DIT_PRESETS, sincos_2d
 from .imf_weights import is_official_imf, official_architecture, official_imf_from_state, official_spec_kwargs, rename_official
+from .imf_weights import official_meta as imf_meta
 from .loading import build_model
 from .registry import available
 from .weights import state_mismatch
@@ -762,7 +763,7 @@ def _load_official_imf(source: Source, preset: str | None, weights: str, input_s
     model = official_imf_from_state(source.torch_payload, str(source.path), preset, input_size)
     arch = official_architecture(rename_official(source.torch_payload))
     spec = {"name": model.preset or "imf-tiny/2", "kwargs": official_spec_kwargs(arch, input_size)}
-    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)")
+    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)", info={"meta": imf_meta(model)})
 
 
 register_format(Format("imf-official", "released iMF checkpoints iMF-{B,M,L,XL}-2.pth (state dict of iMeanFlow(eval=True), keys net.*)",
