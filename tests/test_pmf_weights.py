@@ -22,6 +22,7 @@ import pmf_reference as official  # noqa: E402
 
 from meanflow.cli import main  # noqa: E402
 from meanflow.data.images import to_uint8  # noqa: E402
+from meanflow.models.hub import HubError  # noqa: E402
 from meanflow.models.pmf_weights import OFFICIAL_EMA, architecture, choose_weights, official_preset, shapes_of  # noqa: E402
 from meanflow.models.pretrained import PretrainedError, from_pretrained, load_pretrained  # noqa: E402
 from meanflow.runtime.seeding import step_generator  # noqa: E402
@@ -202,7 +203,7 @@ def test_hub_id_loads_a_cached_file_offline(released, tmp_path, offline_cache):
 
 
 def test_hub_id_missing_offline_says_what_to_fetch(offline_cache):
-    with pytest.raises(PretrainedError, match=r"pMF-L-16.zip of Lyy0725/pMF is not in the Hugging Face cache .*HF_HUB_OFFLINE is set.*"
+    with pytest.raises(HubError, match=r"pMF-L-16.zip of Lyy0725/pMF is not in the Hugging Face cache .*HF_HUB_OFFLINE is set.*"
                                               r"huggingface-cli download Lyy0725/pMF pMF-L-16.zip"):
         from_pretrained("Lyy0725/pMF", filename="pMF-L-16.zip")
     with pytest.raises(PretrainedError, match="pass filename= too"):

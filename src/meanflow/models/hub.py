@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .pretrained import PretrainedError
-
 # The official releases on the hub: repository -> files (READMEs of Lyy-iiis/pMF main and torch, Lyy-iiis/imeanflow torch).
 RELEASES = {
     "Lyy0725/pMF": tuple(f"pMF-{size}-{patch}{kind}" for size in "BLH" for patch in (16, 32) for kind in (".zip", "-full.zip", ".pt")),
     "Lyy0725/iMF": tuple(f"iMF-{size}-2.pth" for size in ("B", "M", "L", "XL")),
 }
+
+
+class HubError(ValueError):
+    """A hub file could not be had; the message names the repository, the file and what to do."""
 
 
 def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
@@ -27,20 +29,20 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
         from huggingface_hub import constants, hf_hub_download  # noqa: PLC0415 (optional dependency)
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
     except ImportError:
-        raise PretrainedError(f"reading {filename} of the hub repository {repo_id} needs huggingface_hub: "
+        raise HubError(f"reading {filename} of the hub repository {repo_id} needs huggingface_hub: "
                               "pip install 'meanflow[hub]' (or download the file yourself and pass its path)") from None
     where = f"{filename} of {repo_id}" + (f" (revision {revision})" if revision else "")
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except LocalEntryNotFoundError:
         state = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached"
-        raise PretrainedError(
+        raise HubError(
             f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {state}. Fetch it once where there is "
             f"network: huggingface-cli download {repo_id} {filename}" + (f" --revision {revision}" if revision else "")
             + " (or download it and pass its local path)") from None
     except EntryNotFoundError:
         known = RELEASES.get(repo_id)
-        raise PretrainedError(f"the hub repository {repo_id} has no file {filename}"
+        raise HubError(f"the hub repository {repo_id} has no file {filename}"
                               + (f"; its released files: {', '.join(known)}" if known else "")) from None
     except RepositoryNotFoundError:
-        raise PretrainedError(f"no hub repository {repo_id} (or it is private); the official releases: {', '.join(RELEASES)}") from None
+        raise HubError(f"no hub repository {repo_id} (or it is private); the official releases: {', '.join(RELEASES)}") from None

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..runtime import checkpoint as ckpt
+from .pretrained import load_pretrained
 from .registry import available, create, family
 
 OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF / pMF weights of the PyTorch ports (torch.save of a state dict)
@@ -91,8 +92,6 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
 
 def _released(path: Path, ema: bool, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """(eval-mode model, meta) of released weights whose format records the data they generate."""
-    from .pretrained import load_pretrained  # noqa: PLC0415 (pretrained imports this module)
-
     loaded = load_pretrained(path, weights="ema" if ema else "model")
     if "meta" not in loaded.info:
         raise ValueError(f"{path} holds {loaded.format} weights, which do not record the data they generate; "

@@ -60,8 +60,8 @@ from ..runtime import checkpoint as ckpt
 from .dit import DIT_PRESETS, sincos_2d
 from .imf_weights import is_official_imf, official_architecture, official_imf_from_state, official_spec_kwargs, rename_official
 from .imf_weights import official_meta as imf_meta
-from .loading import build_model
-from .registry import available
+from .hub import hub_file
+from .registry import available, create
 from .weights import state_mismatch
 from .unet import fir_kernel
 
@@ -206,8 +206,6 @@ def load_pretrained(path: str | Path, preset: str | None = None, weights: str = 
         options: format options (dit-pytorch: ``h_embed="copy"|"zero"``).
     """
     if filename is not None:
-        from .hub import hub_file  # noqa: PLC0415 (optional dependency, imported when used)
-
         path = hub_file(str(path), filename, revision)
     elif revision is not None:
         raise PretrainedError("revision= selects a version of a hub file: pass filename= too")
@@ -329,7 +327,7 @@ def fill(spec: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.
     Raises PretrainedError naming the missing, unexpected and mis-shaped keys (nothing is loaded then).
     """
     try:
-        model = build_model(spec)
+        model = create(spec["name"], **spec["kwargs"])
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{what}: cannot build {spec['name']} {spec['kwargs']}: {err}") from None
     own = model.state_dict()
@@ -449,7 +447,7 @@ def _load_py_meanflow(source: Source, preset: str | None, weights: str) -> Loade
     if args is not None and hasattr(args, "dropout"):
         kwargs["dropout"] = float(args.dropout)
     spec = {"name": preset or "unet-cifar10", "kwargs": kwargs}
-    model = build_model(spec)
+    model = create(spec["name"], **spec["kwargs"])
     prefixes = official_unet_names(model)
     renamed = {}
     for ours in model.state_dict():
