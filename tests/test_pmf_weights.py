@@ -146,6 +146,11 @@ def test_wrong_preset_and_unknown_layout_are_refused(released, tmp_path):
     odd = save(tmp_path / "odd", {"step": 1, "params": {"net": {"encoder": {"kernel": np.ones((2, 2), np.float32)}}}})
     with pytest.raises(PretrainedError, match=r"flax checkpoint of an unknown layout: its params hold encoder"):
         load_pretrained(odd)
+    from meanflow.models import load_model
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no run, checkpoint or released weights at .*empty"):
+        load_model(tmp_path / "empty")  # what meanflow sample --checkpoint reads
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"PK\x03\x04" + b"\0" * 40)
     with pytest.raises(PretrainedError, match=r"broken.zip is a zip archive that cannot be unpacked \(BadZipFile: .*download it again"):

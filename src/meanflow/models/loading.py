@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..runtime import checkpoint as ckpt
-from .pretrained import load_pretrained
+from .pretrained import UnknownFormatError, load_pretrained
 from .registry import available, create, family
 
 OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF / pMF weights of the PyTorch ports (torch.save of a state dict)
@@ -79,7 +79,11 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     except FileNotFoundError:
         if not path.exists():
             raise
-        return _released(path, ema, device)
+        try:
+            return _released(path, ema, device)
+        except UnknownFormatError:
+            raise FileNotFoundError(f"no run, checkpoint or released weights at {path}: no checkpoints/{ckpt.PREFIX}*/{ckpt.MARKER} "
+                                    "under it, and it is in none of the released formats (meanflow.models.pretrained)") from None
     meta = ckpt.read_meta(directory)
     weights_file = path if path.suffix == ".safetensors" else directory / ("ema.safetensors" if ema else "model.safetensors")
     model = build_model(meta["model"])

@@ -73,6 +73,10 @@ class PretrainedError(ValueError):
     """A checkpoint could not be read or does not fit the network; the message says why and what to do."""
 
 
+class UnknownFormatError(PretrainedError):
+    """A path in none of the registered checkpoint formats."""
+
+
 @dataclass
 class Loaded:
     """A filled network and how it was obtained.
@@ -283,7 +287,7 @@ def _detect(source: Source) -> Format:
     for fmt in FORMATS.values():
         if fmt.detect(source):
             return fmt
-    raise PretrainedError(
+    raise UnknownFormatError(
         f"{source.path} is in none of the known checkpoint formats ({', '.join(FORMATS)}); see meanflow.models.pretrained"
     )
 
