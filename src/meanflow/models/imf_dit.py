@@ -226,26 +226,32 @@ class IMFDiT(nn.Module):
 
     def sequence(self, z, h, labels, omega, t_min, t_max) -> torch.Tensor | Dual:
         """Prefix tokens (class, omega, t_min, t_max, h) then patch tokens: (B, P + N, D)."""
-        batch, like = z.shape[0], dual.primal(z)
-        if labels is None:
-            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=like.device)
-        omega, t_min, t_max = (_per_sample(value, default, batch, like, name) for value, default, name in
-                               ((omega, 1.0, "omega"), (t_min, 0.0, "t_min"), (t_max, 1.0, "t_max")))
-        groups = [
-            self.class_tokens + self.y_embedder(labels)[:, None],  # (B, 8, D)
-            self.omega_tokens + self.omega_embedder(1 - 1 / omega)[:, None],  # (B, 4, D)
-            self.t_min_tokens + self.cfg_t_start_embedder(t_min)[:, None],  # (B, 2, D)
-            self.t_max_tokens + self.cfg_t_end_embedder(t_max)[:, None],  # (B, 2, D)
-            self.h_embedder(h)[:, None] + self.time_tokens,  # (B, 4, D), a Dual for a Dual h
-            self.x_embedder(z),  # (B, N, D)
-        ]
-        return dual.cat(groups, dim=1)
+        return dual.cat([*prefix_groups(self, dual.primal(z), h, labels, omega, t_min, t_max), self.x_embedder(z)], dim=1)
 
     def _head(self, blocks: nn.ModuleList, final: IMFFinalLayer, seq: torch.Tensor | Dual) -> torch.Tensor | Dual:
         """Head blocks, then the final layer on the patch tokens: (B, P + N, D) -> (B, C, H, W)."""
         for block in blocks:
             seq = block(seq, self.rope_cos, self.rope_sin)
         return unpatchify(final(seq[:, self.prefix_tokens:]), self.grid, self.patch, self.in_channels)
+
+
+def prefix_groups(model: nn.Module, like: torch.Tensor, h, labels: torch.Tensor | None, omega, t_min, t_max) -> list:
+    """The in-context prefix of the iMF and pMF networks, in sequence order: class (B, 8, D), omega
+    (B, 4, D; the embedder sees 1 - 1/omega), t_min (B, 2, D), t_max (B, 2, D) and h (B, 4, D; a Dual
+    for a Dual h). ``like`` (B, ...) gives batch, dtype and device; None labels are the null class,
+    None omega / t_min / t_max are 1 / 0 / 1 (no guidance)."""
+    batch = like.shape[0]
+    if labels is None:
+        labels = torch.full((batch,), model.num_classes, dtype=torch.long, device=like.device)
+    omega, t_min, t_max = (_per_sample(value, default, batch, like, name) for value, default, name in
+                           ((omega, 1.0, "omega"), (t_min, 0.0, "t_min"), (t_max, 1.0, "t_max")))
+    return [
+        model.class_tokens + model.y_embedder(labels)[:, None],
+        model.omega_tokens + model.omega_embedder(1 - 1 / omega)[:, None],
+        model.t_min_tokens + model.cfg_t_start_embedder(t_min)[:, None],
+        model.t_max_tokens + model.cfg_t_end_embedder(t_max)[:, None],
+        model.h_embedder(h)[:, None] + model.time_tokens,
+    ]
 
 
 def init_in_context(model: nn.Module, token_init: float, embedding_init: float, weight_init: float) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .dit import check_image, unpatchify
 from .embeddings import TimestepEmbedder
-from .imf_dit import PREFIX, _per_sample, init_in_context
+from .imf_dit import PREFIX, init_in_context, prefix_groups
 from .registry import Family, register
 
 T_CLIP = 0.05  # u = (z - x_hat) / clip(t, T_CLIP, 1)
@@ -272,21 +272,8 @@ class MiT(nn.Module):
         return x_u, self._head(self.v_heads, self.v_final_layer, seq) if return_v else None
 
     def sequence(self, z: torch.Tensor, h: torch.Tensor, labels: torch.Tensor | None, omega, t_min, t_max) -> torch.Tensor:
-        """Prefix tokens (class, omega, t_min, t_max, h) then patch tokens, plus positions: (B, P + N, D)."""
-        batch = z.shape[0]
-        if labels is None:
-            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=z.device)
-        omega, t_min, t_max = (_per_sample(value, default, batch, z, name) for value, default, name in
-                               ((omega, 1.0, "omega"), (t_min, 0.0, "t_min"), (t_max, 1.0, "t_max")))
-        groups = [
-            self.class_tokens + self.y_embedder(labels)[:, None],  # (B, 8, D)
-            self.omega_tokens + self.omega_embedder(1 - 1 / omega)[:, None],  # (B, 4, D)
-            self.t_min_tokens + self.cfg_t_start_embedder(t_min)[:, None],  # (B, 2, D)
-            self.t_max_tokens + self.cfg_t_end_embedder(t_max)[:, None],  # (B, 2, D)
-            self.time_tokens + self.h_embedder(h)[:, None],  # (B, 4, D)
-            self.x_embedder(z),  # (B, N, D)
-        ]
-        return torch.cat(groups, dim=1) + self.pos_embed
+        """Prefix tokens (:func:`~meanflow.models.imf_dit.prefix_groups`) then patch tokens, plus positions: (B, P + N, D)."""
+        return torch.cat([*prefix_groups(self, z, h, labels, omega, t_min, t_max), self.x_embedder(z)], dim=1) + self.pos_embed
 
     def _head(self, blocks: nn.ModuleList, final: FinalLayer, seq: torch.Tensor) -> torch.Tensor:
         """Head blocks, then the final layer on the patch tokens: (B, P + N, D) -> (B, C, H, W)."""
