@@ -63,7 +63,7 @@ def test_velocity_is_derived_from_the_predicted_image():
     model = build()
     z, _, r, t, labels, cond = inputs()
     u, v = model(z, r, t, labels, **cond, return_v=True)
-    x_u, x_v = model.denoise(z, r, t, labels, **cond, return_v=True)
+    x_u, x_v = model.denoise(z, t - r, labels, **cond, return_v=True)
     clipped = t.clamp(0.05, 1.0)[:, None, None, None]
     torch.testing.assert_close(u, (z - x_u) / clipped, rtol=1e-14, atol=0)
     torch.testing.assert_close(v, (z - x_v) / clipped, rtol=1e-14, atol=0)
@@ -74,19 +74,21 @@ def test_velocity_is_derived_from_the_predicted_image():
     e = rand(B, 3, 8, 8, seed=7)
     x = meanflow.sample(model, e, steps=1, labels=labels, omega=2.0, interval=(0.1, 0.7))
     ones = torch.ones(B, **f64)
-    expected, _ = model.denoise(2.0 * e, 0 * ones, ones, labels, omega=2.0, t_min=0.1, t_max=0.7)
+    expected, _ = model.denoise(2.0 * e, ones, labels, omega=2.0, t_min=0.1, t_max=0.7)
     torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_network_sees_h_and_t_only_through_the_output_division():
     model = build()
     z, _, r, t, labels, cond = inputs()
-    x_u, _ = model.denoise(z, r, t, labels, **cond)
-    shifted, _ = model.denoise(z, r + 0.05, t + 0.05, labels, **cond)
-    torch.testing.assert_close(shifted, x_u, rtol=1e-12, atol=1e-12)
-    changed = [model.denoise(z, r, t + 0.05, labels, **cond)[0], model.denoise(z, r, t, (labels + 1) % 4, **cond)[0]]
-    changed += [model.denoise(z, r, t, labels, **{**cond, key: cond[key] * 0.9})[0] for key in cond]
-    assert all((out - x_u).abs().max() > 1e-6 for out in changed)
+    u = model(z, r, t, labels, **cond)
+    x_u, _ = model.denoise(z, t - r, labels, **cond)
+    shifted = t + 0.05  # same h, another t: the same image, u rescaled by the clipped t
+    expected = (z - x_u) / shifted.clamp(0.05, 1.0)[:, None, None, None]
+    torch.testing.assert_close(model(z, r + 0.05, shifted, labels, **cond), expected, rtol=1e-12, atol=1e-12)
+    changed = [model(z, r, t + 0.05, labels, **cond), model(z, r, t, (labels + 1) % 4, **cond)]
+    changed += [model(z, r, t, labels, **{**cond, key: cond[key] * 0.9}) for key in cond]
+    assert all((out - u).abs().max() > 1e-6 for out in changed)
 
 
 def test_rotary_turns_rows_and_columns_of_the_patches_only():
@@ -105,7 +107,7 @@ def test_rotary_turns_rows_and_columns_of_the_patches_only():
 def test_shapes_and_a_fresh_model_predicts_zero():
     model = create("pmf-tiny/4", input_size=16, num_classes=10)
     z = torch.randn(2, 3, 16, 16)
-    x_hat, _ = model.denoise(z, torch.zeros(2), torch.ones(2))
+    x_hat, _ = model.denoise(z, torch.ones(2))
     assert x_hat.abs().max() == 0 and model(z, torch.zeros(2), torch.ones(2)).shape == z.shape
     assert model.prefix_tokens == 20 and model.pos_embed.shape == (20 + 16, 64) and model.rope_cos.shape == (16, 8)
     assert model.x_embedder.proj1.weight.shape == (16, 3, 4, 4) and model.x_embedder.proj2.weight.shape == (64, 16, 1, 1)

@@ -37,6 +37,7 @@ from .imf_dit import PREFIX, init_in_context, prefix_groups
 from .registry import Family, register
 
 T_CLIP = 0.05  # u = (z - x_hat) / clip(t, T_CLIP, 1)
+Guidance = torch.Tensor | float | None  # omega, t_min, t_max: (B,) or one number for the batch
 
 
 def rope_2d(head_dim: int, grid: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,9 +235,9 @@ class MiT(nn.Module):
         t: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
-        omega: torch.Tensor | float | None = None,
-        t_min: torch.Tensor | float | None = None,
-        t_max: torch.Tensor | float | None = None,
+        omega: Guidance = None,
+        t_min: Guidance = None,
+        t_max: Guidance = None,
         return_v: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """u (B, C, H, W), or (u, v) with ``return_v=True``: (z - x_hat) / clip(t, 0.05, 1) of each head.
@@ -244,28 +245,19 @@ class MiT(nn.Module):
         r, t: (B,); the blocks see h = t - r, the output division t. omega, t_min, t_max: (B,)
         tensors or numbers (None: omega 1, interval (0, 1)).
         """
-        x_u, x_v = self.denoise(z, r, t, labels, omega=omega, t_min=t_min, t_max=t_max, return_v=return_v)
+        x_u, x_v = self.denoise(z, t - r, labels, omega=omega, t_min=t_min, t_max=t_max, return_v=return_v)
         scale = t.clamp(T_CLIP, 1.0).to(z.dtype)[:, None, None, None]  # (B, 1, 1, 1)
         u = (z - x_u) / scale
         return (u, (z - x_v) / scale) if return_v else u
 
-    def denoise(
-        self,
-        z: torch.Tensor,
-        r: torch.Tensor,
-        t: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        omega: torch.Tensor | float | None = None,
-        t_min: torch.Tensor | float | None = None,
-        t_max: torch.Tensor | float | None = None,
-        return_v: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The heads' predicted clean images (x_u, x_v), each (B, C, H, W); x_v is None without ``return_v``."""
+    def denoise(self, z: torch.Tensor, h: torch.Tensor, labels: torch.Tensor | None = None, *, omega: Guidance = None,
+                t_min: Guidance = None, t_max: Guidance = None, return_v: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heads' predicted clean images (x_u, x_v), each (B, C, H, W), from z and h = t - r (B,);
+        x_v is None without ``return_v``."""
         check_image(z, self.in_channels, self.input_size, "pMF MiT")
         if return_v and not self.has_v_head:
             raise ValueError("return_v=True needs the auxiliary v-head, but this pMF model was built without it (v_head=False, as for inference)")
-        seq = self.sequence(z, t - r, labels, omega, t_min, t_max)  # (B, P + N, D)
+        seq = self.sequence(z, h, labels, omega, t_min, t_max)  # (B, P + N, D)
         for block in self.shared_blocks:
             seq = block(seq, self.rope_cos, self.rope_sin)
         x_u = self._head(self.u_heads, self.u_final_layer, seq)
