@@ -156,3 +156,17 @@ def test_a_short_run_logs_the_schedule_and_trains_after_a_flow_matching_stage(tm
     alphas = {entry["step"]: entry["alpha"] for entry in logged if entry.get("alpha") is not None}
     assert alphas == pytest.approx({s + 1: 1 - s / 8 for s in range(2, 8)})
     assert all(math.isfinite(entry["loss"]) for entry in logged)
+
+
+def test_two_gloo_processes_train_as_one_through_the_whole_curriculum(tmp_path, tiny_toy_overrides):
+    """A linear schedule over 6 steps, clamp 0.2 (alpha 1, 1 (5/6 > 1 - 0.2), 2/3, 1/2, 1/3, 0 (1/6 < 0.2)): trajectory Flow Matching,
+    alpha-targets and the JVP target, on 2 processes (DDP) as on one, up to float reduction order."""
+    from test_training import _assert_same_training, _final_weights, _spawn
+
+    overrides = [*tiny_toy_overrides, "train.steps=6", "train.checkpoint_every=6", "train.batch_size=32", "model.kwargs.dropout=0.0",
+                 "objective.kind=alphaflow", "objective.alpha_schedule=linear", "objective.alpha_clamp=0.2", "train.log_every=3"]
+    _spawn(2, tmp_path / "two", overrides)
+    _spawn(1, tmp_path / "one", overrides)
+    _assert_same_training(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"))
+    logged = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [e["alpha"] for e in logged] == pytest.approx([(1 + 1 + 4 / 6) / 3, (3 / 6 + 2 / 6 + 0) / 3])  # each log: 3 steps' mean
