@@ -300,3 +300,25 @@ def test_the_signature_tells_apart_conditioning_names_labels_tangents_and_heads(
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["forward_ad", "full"])
+def test_forward_mode_on_a_compiled_model_moves_t_along_its_tangent(mode):
+    """jvp="forward_ad" / "full" on a compiled model (torch.func.jvp through it) gives d/dt u along (v, 0, 1):
+    torch.func.jvp of the plain model in float64, and along (0, 0, 1) the time derivative alone, which t * t in
+    the model makes differ from zero."""
+    model = Conditioned().double()
+    compiled = torch.compile(model, backend="aot_eager")
+    z, t = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, dtype=torch.float64) * 0.5 + 0.4
+    r, rows, w = t * 0.5, torch.tensor([0, 3, 5]), torch.rand(6, dtype=torch.float64)
+
+    def reference(dz: torch.Tensor) -> torch.Tensor:
+        fn = lambda z_, t_: model(z_, r[rows], t_, None, omega=w[rows])  # noqa: E731
+        return torch.func.jvp(fn, (z[rows], t[rows]), (dz, torch.ones(3, dtype=torch.float64)))[1]
+
+    for dz in (torch.randn(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)):
+        out = jvp(compiled, z, r, t, None, rows, Tangent(z=dz), mode=mode, conditioning={"omega": w})
+        torch.testing.assert_close(out.du, reference(dz), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.u, model(z, r, t, None, omega=w), rtol=1e-12, atol=1e-12)
+        assert out.u.requires_grad and not out.du.requires_grad
+    assert float(reference(torch.zeros(3, 3, dtype=torch.float64)).detach().abs().min()) > 1e-3
