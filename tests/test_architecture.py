@@ -21,6 +21,10 @@ FLOORS = (
     ("training",),
     ("cli", "__main__"),
 )
+# same-floor imports that would blur what a package owns: (importer, imported) top-level packages
+FORBIDDEN = (
+    ("autodiff", "runtime"),  # the JVP machinery, per-sample dropout included, needs no process or file plumbing
+)
 # third-party packages that are optional extras or slow to import: the only ones imported lazily
 DEFERRED_OK = ("PIL", "matplotlib", "torchvision", "sklearn", "scipy", "diffusers", "torch_fidelity",
                "torch.utils.tensorboard", "jvp_flash_attention", "flax",
@@ -89,6 +93,14 @@ def test_no_import_from_a_higher_floor(name):
               if target != "meanflow" and floor(target) > floor(name)]
     assert not upward, f"{name} (floor {floor(name)}) imports from above: {upward}"
     assert "meanflow" not in [t for _, t in top], f"{name} imports the top-level facade `meanflow`; import the module itself"
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_no_forbidden_same_floor_import(name):
+    top, _ = imports(name)
+    package = lambda module: module.split(".")[1] if "." in module else module  # noqa: E731
+    bad = [f"line {line}: {target}" for line, target in top if (package(name), package(target)) in FORBIDDEN]
+    assert not bad, f"{name} imports what its package must not depend on (FORBIDDEN): {bad}"
 
 
 @pytest.mark.parametrize("name", LIBRARY)

@@ -23,7 +23,7 @@ import meanflow.autodiff.rows_compiled as rows_compiled
 from meanflow import MeanFlowLoss
 from meanflow.autodiff.jvp import Tangent, jvp
 from meanflow.autodiff.rows import RowMixingError
-from meanflow.runtime.per_sample import PerSampleDropout
+from meanflow.autodiff.per_sample import PerSampleDropout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
@@ -233,7 +233,7 @@ def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
         for net in (model, compiled):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no eager fallback
-                with PerSampleDropout(5, step_index, torch.arange(6) + first_row, 12):
+                with PerSampleDropout(50 + step_index, torch.arange(6) + first_row, 12):
                     results.append(step(model, net, x, labels))
     for eager, traced in (results[0:2], results[2:4]):
         for a, b in zip(eager, traced):

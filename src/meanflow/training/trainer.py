@@ -2,7 +2,7 @@
 
 One step: take this rank's shard of the global batch, draw all randomness from generators seeded
 by (seed, step) for the whole global batch (dropout masks inside the model too, per global sample:
-:mod:`meanflow.runtime.per_sample`), compute the loss, backpropagate, average gradients over ranks (DDP, FSDP2 or explicitly), and update
+:mod:`meanflow.autodiff.per_sample`), compute the loss, backpropagate, average gradients over ranks (DDP, FSDP2 or explicitly), and update
 the weights and the EMA unless the loss or gradient norm is non-finite, decided on the device
 (:mod:`meanflow.training.guard`). Statistics stay on the device and are read by the host only on
 logging steps and checkpoints (one copy each). Checkpoints are atomic and carry everything needed to
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..autodiff.per_sample import PerSampleDropout
 from ..config import Config, ConfigError, InitConfig, save_config, stage_objectives
 from ..data import load_dataset, random_flip
 from ..data.augment import LABEL_DIM, EDMAugment
@@ -33,9 +34,8 @@ from ..models.weights import state_mismatch
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
-from ..runtime.per_sample import PerSampleDropout
 from ..sampling import guidance_inputs
-from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
+from ..runtime.seeding import STREAMS, GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
 from .builders import build_loss, build_optimizer, ema_profiles, learning_rate, load_optimizer_state
 from .diagnostics import Diagnostics, StatsWindow, host_copy
 from .ema import EMA
@@ -115,7 +115,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             loss_fn = next(loss for start, loss in reversed(stages) if step >= start)
             loss_fn.at_step(step, cfg.train.steps)
             rows = torch.arange(info.rank * local, (info.rank + 1) * local, device=info.device)  # this shard's global sample indices
-            with autocast, PerSampleDropout(cfg.seed, step, rows, cfg.train.batch_size):
+            with autocast, PerSampleDropout(derive_seed(cfg.seed, step, STREAMS["dropout"]), rows, cfg.train.batch_size):
                 loss, stats, targets = loss_fn.loss_and_targets(
                     forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
                     shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
