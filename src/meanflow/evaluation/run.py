@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import objectives
 from ..config import Config, ConfigError, load_config
-from ..data import SOURCES, load_dataset
+from ..data import load_dataset, source
 from ..metrics.pointcloud import class_sliced_wasserstein, energy_distance, histogram_tv, sliced_wasserstein
 from ..models.loading import OFFICIAL_SUFFIXES, load_model
 from ..runtime import checkpoint as ckpt
@@ -100,7 +100,7 @@ def check_eval_config(cfg: Config, data_kind: str) -> None:
 def check_scored(cfg: Config) -> None:
     """ConfigError for a run that no metric applies to (image data, not digits, no ``eval.fid_stats``), for callers
     that need metrics (a sweep tabulates them); known from the config alone, before any training."""
-    if SOURCES[cfg.data.name].kind != "points" and not image_metrics(cfg.data.name, cfg.eval.fid_stats):
+    if source(cfg.data.name).kind != "points" and not image_metrics(cfg.data.name, cfg.eval.fid_stats):
         raise ConfigError(f"a sweep tabulates metrics, but runs on data.name={cfg.data.name} have none: {NO_IMAGE_METRIC}")
 
 

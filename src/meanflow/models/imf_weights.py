@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from ..data.latents import DEFAULT_VAE, IMF_LATENT_MEAN, IMF_LATENT_STD
 from .imf_dit import IMF_PRESETS, IMFDiT
 from .registry import create
 from .weights import state_mismatch
 
+OFFICIAL_VAE = "stabilityai/sd-vae-ft-mse"  # the SD-VAE (ft-mse) whose latents the released models take
 OFFICIAL_NAMES = {"imfDiT_B_2": "imf-b/2", "imfDiT_M_2": "imf-m/2", "imfDiT_L_2": "imf-l/2", "imfDiT_XL_2": "imf-xl/2"}
 UNUSED_PREFIX = "v_final_layer."
 _RENAMES = ((re.compile(r"\._flax_linear\."), "."), (re.compile(r"\.embedding_table\._flax_embedding\."), "."))
@@ -128,10 +128,10 @@ def load_checked(model: IMFDiT, state: dict[str, torch.Tensor], source: str) -> 
 
 def official_meta(model: IMFDiT) -> dict:
     """Checkpoint meta (as a run records it) for a released iMF model: ImageNet 256 as SD-VAE ft-mse
-    latents with iMF's per-channel normalisation, so ``meanflow sample`` decodes its samples."""
+    latents with iMF's per-channel normalisation, named (``latent_norm: imf``; the data floor holds
+    its statistics), so ``meanflow sample`` decodes its samples."""
     channels, (height, width) = model.in_channels, model.input_size
-    info = {"source": "latents", "vae": DEFAULT_VAE, "image_size": 8 * height, "latent_norm": "imf",
-            "latent_mean": list(IMF_LATENT_MEAN), "latent_std": list(IMF_LATENT_STD)}
+    info = {"source": "latents", "vae": OFFICIAL_VAE, "image_size": 8 * height, "latent_norm": "imf"}
     return {"format": 1, "source": "official iMF checkpoint", "step": None, "objective": "imf",
             "model": {"name": model.preset, "kwargs": {"v_head": False}},
             "data": {"name": "imagenet", "kind": "latents", "sample_shape": [channels, height, width],

@@ -72,7 +72,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dat
 def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hooks: tuple[Hooks, ...]) -> Path:
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
-    fsdp = _fsdp(cfg, info)
+    stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
+    one_forward = all(loss.one_forward for _, loss in stages)
+    fsdp = _fsdp(cfg, info, one_forward)
     _prepare_out(out, info, resume)
     train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
     check_eval_config(cfg, train_set.kind)  # the evaluation after training must not fail on its options
@@ -86,7 +88,6 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     model = model.to(info.device)
     if fsdp:
         D.shard_model(model)
-    stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema_decays)
     state = TrainState()
@@ -99,7 +100,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     batches = step_batches(train_set, order, state.step, cfg.train.steps, info.rank, info.world_size,
                            cfg.train.num_workers, pin_memory=info.device.type == "cuda")
     local = cfg.train.batch_size // info.world_size
-    ddp = None if fsdp else D.data_parallel(model, info, cfg.objective.resolved().get("jvp"), compiled=cfg.train.compile)
+    ddp = None if fsdp else D.data_parallel(model, info, one_forward, compiled=cfg.train.compile)
     forward = ddp or _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
     diagnostics, window = Diagnostics(), StatsWindow()
@@ -118,7 +119,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
                 loss, stats, targets = loss_fn.loss_and_targets(
                     forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
                     shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
-            diagnostics.update(targets, getattr(loss_fn, "weighted", _unweighted))
+            diagnostics.update(targets, loss_fn.weighted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if ddp is None and not fsdp:
@@ -159,17 +160,18 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     return out
 
 
-def _fsdp(cfg: Config, info: D.DistInfo) -> bool:
+def _fsdp(cfg: Config, info: D.DistInfo, one_forward: bool) -> bool:
     """Whether to shard the model with FSDP2 (``train.parallel=fsdp`` with several processes); ConfigError
-    when the configuration cannot run under it (whatever the number of processes)."""
+    when the configuration cannot run under it (whatever the number of processes). ``one_forward``: whether
+    every stage's loss calls the model's forward once with gradients (``Objective.one_forward``)."""
     if cfg.train.parallel != "fsdp":
         return False
-    jvp = cfg.objective.resolved().get("jvp")
-    if cfg.train.compile or (jvp is not None and jvp not in D.ONE_FORWARD_JVP_MODES):
+    if cfg.train.compile or not one_forward:
+        jvp = cfg.objective.resolved().get("jvp")
         raise ConfigError(
             f"train.parallel=fsdp needs a loss that runs the model's forward once with gradients, without compile "
-            f"(objective.jvp={jvp}, train.compile={cfg.train.compile}); set objective.jvp to one of "
-            f"{', '.join(D.ONE_FORWARD_JVP_MODES)} and train.compile=false, or use train.parallel=ddp"
+            f"(objective.jvp={jvp}, train.compile={cfg.train.compile}); set objective.jvp=auto (a one-pass tangent) "
+            f"and train.compile=false, or use train.parallel=ddp"
         )
     return info.enabled
 
@@ -268,11 +270,6 @@ def _read(state: TrainState, guard: NonFiniteGuard, window: StatsWindow, diagnos
                        "or gradient norm and were skipped (weights, optimizer and EMA untouched)")
     state.bad_steps = bad
     return {**window.means(keys, sums), "bad_steps": bad, **(diagnostics.report(bins) if bins else {})}
-
-
-def _unweighted(d: torch.Tensor) -> torch.Tensor:
-    """Loss terms of an objective without adaptive weighting: the squared errors d (B,) themselves."""
-    return d
 
 
 def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config, info: D.DistInfo) -> Path | None:
