@@ -28,8 +28,8 @@ from ..data.loader import step_batches
 from ..evaluation.preview import preview_plan, save_preview
 from ..evaluation.run import check_eval_config
 from ..models.loading import build_model, model_spec
-from ..models.pretrained import PretrainedError, load_pretrained
-from ..models.weights import state_mismatch
+from ..models.pretrained import load_pretrained
+from ..models.weights import PretrainedError, fill_model
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
@@ -197,14 +197,11 @@ def _initialise(model: nn.Module, init: InitConfig, report=None) -> None:
         loaded = load_pretrained(init.path, weights="ema" if init.ema else "model")
     except (PretrainedError, FileNotFoundError) as err:
         raise ConfigError(f"init.path={init.path}: {err}") from None
-    theirs = loaded.model.state_dict()
-    problems = state_mismatch(model.state_dict(), theirs, shown=3)
-    if problems:
-        raise ConfigError(
-            f"init.path={init.path} holds {loaded.spec['name']} {loaded.spec['kwargs']}, which does not fit the configured "
-            f"model {type(model).__name__} ({' | '.join(problems)}); set model.name / model.kwargs to match it"
-        )
-    model.load_state_dict(theirs)
+    try:
+        fill_model(model, loaded.model.state_dict(), f"init.path={init.path} holds {loaded.spec['name']} {loaded.spec['kwargs']}, which",
+                   "set model.name / model.kwargs to match it", target=f"the configured model {type(model).__name__}")
+    except PretrainedError as err:
+        raise ConfigError(str(err)) from None
     if report:
         report(f"initialised from {init.path}: {loaded.describe()}; optimizer and schedule start afresh")
 
@@ -314,15 +311,18 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     """Load the full state dict ``weights`` into ``model``, into this rank's shards when it is sharded."""
-    try:
-        if D.is_sharded(model):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # ~1 s import, FSDP only
+    fill_model(model, weights, f"weights in {path}", "different model config? resume with the run's own config.yaml",
+               load=_load_full_state)
 
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise RuntimeError(f"weights in {path} do not match the model (different model config?): {err}") from err
+
+def _load_full_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(weights)`` of full tensors, into this rank's shards when ``model`` is sharded."""
+    if D.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # ~1 s import, FSDP only
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(weights)
 
 
 def _full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -371,9 +371,7 @@ def ema_model(spec: dict[str, Any], weights: dict[str, torch.Tensor], device: to
     cast to the model's dtype); built without touching the global random state."""
     with torch.random.fork_rng(devices=[]):
         net = build_model(spec)
-    dtype = next(net.parameters()).dtype
-    net.load_state_dict({k: v.to(dtype) for k, v in weights.items()})
-    return net.to(device).eval()
+    return fill_model(net, weights, "the EMA weights", target=spec["name"]).to(device).eval()
 
 
 def _autocast(cfg: Config, device: torch.device):
