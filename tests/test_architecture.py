@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -168,3 +169,13 @@ def test_every_package_says_what_its_floor_is_for():
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             assert doc.strip(), f"{path} has no docstring saying what the floor {name} is for"
             assert len(doc.strip().splitlines()) <= 2, f"{path}: say what the floor is for in two lines"
+
+
+def test_architecture_doc_lists_every_module():
+    """docs/ARCHITECTURE.md has one line for every module (packages and ``__main__`` speak for themselves)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", doc, flags=re.M))
+    modules = {str(path.relative_to(SRC)) for name, path in MODULES.items()
+               if not is_package(name) and path.name != "__main__.py"}
+    assert not modules - listed, f"modules missing from docs/ARCHITECTURE.md's list: {sorted(modules - listed)}"
+    assert not listed - modules, f"docs/ARCHITECTURE.md lists modules that do not exist: {sorted(listed - modules)}"
