@@ -101,7 +101,7 @@ class ObjectiveConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every option of the kind: given values, else the objective's defaults."""
-        return opts.lookup("objective", self.kind).resolve(self.options, "objective.")
+        return opts.options_of("objective", self.kind).resolve(self.options, "objective.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.resolved()}
@@ -199,16 +199,6 @@ class Config:
         return {**dataclasses.asdict(self), "objective": self.objective.to_dict()}
 
 
-# data.* keys each data source reads besides ``name`` and ``conditional``; filed by meanflow.data,
-# which owns the sources (see :func:`register_data_source`)
-_DATA_READS: dict[str, tuple[str, ...]] = {}
-
-
-def register_data_source(name: str, reads: tuple[str, ...]) -> None:
-    """File which ``data.*`` keys source ``name`` reads (so an override of data.name can drop the others)."""
-    _DATA_READS[name] = tuple(reads)
-
-
 def available_configs() -> list[str]:
     """Names of the YAML presets shipped with the package."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -234,7 +224,7 @@ def _keep_options_read_by(raw: dict[str, Any], kind: Any) -> None:
     section = raw.get("objective")
     if not isinstance(section, dict) or kind not in opts.kinds("objective"):
         return
-    reads = opts.lookup("objective", kind).options
+    reads = opts.options_of("objective", kind).options
     raw["objective"] = {k: v for k, v in section.items() if k == "kind" or k in reads}
 
 
@@ -242,9 +232,10 @@ def _keep_data_keys_read_by(raw: dict[str, Any], name: Any) -> None:
     """Drop the preset's data keys that source ``name`` does not read (data.name overridden): they
     belonged to the preset's source. Keys given on the command line are still checked."""
     section = raw.get("data")
-    if not isinstance(section, dict) or name not in _DATA_READS:
+    if not isinstance(section, dict) or name not in opts.kinds("data"):
         return
-    raw["data"] = {k: v for k, v in section.items() if k in ("name", "conditional", *_DATA_READS[name])}
+    reads = opts.lookup("data", name).reads
+    raw["data"] = {k: v for k, v in section.items() if k in ("name", "conditional", *reads)}
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -319,7 +310,7 @@ def stage_objectives(cfg: Config) -> list[tuple[int, ObjectiveConfig]]:
         kind = given.get("kind", cfg.objective.kind)
         base = dict(cfg.objective.options)
         if kind != cfg.objective.kind and kind in opts.kinds("objective"):
-            base = {k: v for k, v in base.items() if k in opts.lookup("objective", kind).options}
+            base = {k: v for k, v in base.items() if k in opts.options_of("objective", kind).options}
         try:
             objective = _build_objective({**base, **given, "kind": kind})
         except ConfigError as err:
