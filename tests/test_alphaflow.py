@@ -11,7 +11,7 @@ import torch
 from meanflow.config import load_config
 from meanflow.models import create
 from meanflow.objectives import AlphaFlowLoss, MeanFlowLoss, Shard
-from meanflow.runtime.per_sample import PerSampleDropout
+from meanflow.autodiff.per_sample import PerSampleDropout
 from meanflow.training.trainer import train
 
 from user_models import UserMLP
@@ -159,7 +159,7 @@ def test_the_extra_forward_passes_take_per_sample_dropout_masks(loss_fn):
         total, size = 0.0, 16 // shards
         for k in range(shards):
             part = slice(k * size, (k + 1) * size)
-            with PerSampleDropout(7, 2, torch.arange(16)[part], 16):
+            with PerSampleDropout(7, torch.arange(16)[part], 16):
                 loss, _ = loss_fn(model, x[part], generator=torch.Generator().manual_seed(3), shard=Shard(k * size, 16))
             (loss / shards).backward()
             total += loss.item() / shards

@@ -100,18 +100,18 @@ def test_stacked_copies_of_the_batch_and_of_a_layer_get_their_own_masks_whatever
     """Copy c of global row g is sample g + c * total (the global batch size, not the local one): each copy has
     its own mask, and the masks of a split batch are those of the whole. Two dropout layers draw two masks."""
     net, x, total = StackedCopies(), torch.ones(8, 512), 8
-    with PerSampleDropout(0, 3, torch.arange(8), total):
+    with PerSampleDropout(3, torch.arange(8), total):
         stacked, layered = net(x)
     for k in range(2):
         rows = torch.arange(4 * k, 4 * k + 4)
-        with PerSampleDropout(0, 3, rows, total):
+        with PerSampleDropout(3, rows, total):
             half, half_layered = net(x[rows])
         torch.testing.assert_close(half, stacked[torch.cat([rows, rows + total])], rtol=0, atol=0)
         torch.testing.assert_close(half_layered, layered[rows], rtol=0, atol=0)
     first, second = (stacked[:8] > 0), (stacked[8:] > 0)
     assert abs(float((first & second).double().mean()) - 0.25) < 0.03, "the two copies' masks are independent"
     # the second copy's mask is the one a batch of 2 * total rows would get at its rows total..2 total - 1
-    with PerSampleDropout(0, 3, torch.arange(16), 16):
+    with PerSampleDropout(3, torch.arange(16), 16):
         alone = net.twice(x.repeat(2, 1))
     torch.testing.assert_close(stacked, alone, rtol=0, atol=0)
     assert abs(float((layered > 0).double().mean()) - 0.25) < 0.03, "two layers, two independent masks: (1 - p)^2 kept"

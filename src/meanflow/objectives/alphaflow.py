@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..options import Option
-from ..runtime.per_sample import model_rows
+from ..autodiff.per_sample import model_rows
 from .base import DeviceStats, Model, Targets, register, target_dtype, weighted_regression
 from .meanflow import MeanFlowLoss
 from .path import _expand
@@ -137,7 +137,7 @@ def alpha_target(model: Model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor
 
     z, v, step: (B, ...) (``step``: the velocity the point moves along, v or the model's own); r, t: (B,);
     labels: (B,) or None; cond: per-sample model inputs, each (B, ...). Dropout masks follow the rows
-    (:func:`~meanflow.runtime.per_sample.model_rows`). Target math in float32 (float64 for float64 z).
+    (:func:`~meanflow.autodiff.per_sample.model_rows`). Target math in float32 (float64 for float64 z).
     """
     dtype = target_dtype(z)
     z, r, t, v, step = z[rows], r[rows], t[rows], v[rows], step[rows]

@@ -27,7 +27,7 @@ import torch
 
 from ..autodiff import Tangent, jvp
 from ..options import Option
-from ..runtime.per_sample import model_rows
+from ..autodiff.per_sample import model_rows
 from .base import (DeviceStats, JVPOptions, LabelDropOptions, Model, Objective, Targets, WeightOptions, checked_labels,
                    drop_labels, num_classes, register, scatter_rows, target_dtype, weighted_regression)
 from .draws import Draws, Shard, draw_batch
@@ -125,7 +125,7 @@ def model_velocity(model: Model, z: torch.Tensor, t: torch.Tensor, labels: torch
     """v with its ``rows`` replaced by the model's instantaneous velocity u(z, t, t), without gradient; (B, ...).
 
     z, v: (B, ...); t: (B,); labels: (B,) as fed to the network, or None; rows: (n,) indices (dropout masks follow
-    them, :func:`~meanflow.runtime.per_sample.model_rows`).
+    them, :func:`~meanflow.autodiff.per_sample.model_rows`).
     """
     take = {k: c[rows] for k, c in (cond or {}).items()}
     with torch.no_grad(), model_rows(rows):
