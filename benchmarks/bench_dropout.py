@@ -2,7 +2,7 @@
 
     python benchmarks/bench_dropout.py [--size 32] [--channels 3] [--repeats 11]
 
-Training draws every dropout mask per global sample (:mod:`meanflow.runtime.per_sample`), so that
+Training draws every dropout mask per global sample (:mod:`meanflow.autodiff.per_sample`), so that
 one process and N processes train the same model. Printed, as process CPU time on one thread
 (other jobs on the machine do not count), minimum over interleaved rounds: a MeanFlow training
 step (75% r != t) of ``unet-tiny`` with dropout 0.1 in every residual block, with per-sample masks
@@ -20,7 +20,7 @@ import torch
 from meanflow import MeanFlowLoss
 from meanflow.models import create
 from bench_step import interleave
-from meanflow.runtime.per_sample import PerSampleDropout, uniform
+from meanflow.autodiff.per_sample import PerSampleDropout, uniform
 
 
 def step_times(size: int, channels: int, repeats: int) -> dict[str, float]:
@@ -31,7 +31,7 @@ def step_times(size: int, channels: int, repeats: int) -> dict[str, float]:
     loss_fn = MeanFlowLoss(ratio=0.75)
 
     def step(per_sample: bool, seed: int) -> None:
-        masks = PerSampleDropout(0, seed, torch.arange(64), 64) if per_sample else contextlib.nullcontext()
+        masks = PerSampleDropout(seed, torch.arange(64), 64) if per_sample else contextlib.nullcontext()
         with masks:
             loss, _ = loss_fn(model, x, labels, generator=torch.Generator().manual_seed(seed))
         loss.backward()

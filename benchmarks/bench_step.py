@@ -5,6 +5,7 @@
     python benchmarks/bench_step.py --device cpu --preset checkpoint   # that DiT with and without activation checkpointing
     python benchmarks/bench_step.py --device cuda --preset gpu --json bench_gpu.json [--amp bf16] [--compile]
     python benchmarks/bench_step.py --device cuda --preset gpu-rows --amp bf16 [--compile]   # the row tangent at DiT-B/XL shapes
+    python benchmarks/bench_step.py --device cpu --preset engines [--compile]   # row tangent against Dual on our models
 
 For every case (model preset, input shape, batch, attention backend) one model, one optimizer and
 one data batch are built, and these train steps (loss, backward, Adam step) run in rounds, each
@@ -23,7 +24,7 @@ round in a fresh random order, after a warmup, so machine load hits every varian
   25% r != t): u with gradient from a forward pass, the JVP again in a separate no-grad call.
 
 With ``--compile`` the model is also wrapped by ``torch.compile`` and the requested variants among
-``fm``, ``mf25``, ``mf75``, ``mf25_fwad``, ``mf75_fwad`` run on it too (suffix ``+compile``), after
+``fm``, ``mf25``, ``mf75``, the ``_rows`` and ``_fwad`` ones run on it too (suffix ``+compile``), after
 checking that compiled du/dt equals eager du/dt; their time ratios are to ``fm+compile``.
 
 Reported per variant: median wall time, the median over rounds of its time divided by ``fm``'s
@@ -63,7 +64,7 @@ Step = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark configuration: a model preset on (batch, channels, size, size) inputs."""
+    """One benchmark configuration: a model preset on (batch, channels, size, size) inputs; size 0: (batch, channels) points."""
 
     model: str
     channels: int
@@ -75,7 +76,8 @@ class Case:
     @property
     def name(self) -> str:
         backend = self.attention or os.environ.get(ENV_VAR, "auto")
-        return f"{self.model} {self.size}x{self.size}x{self.channels} b{self.batch} attn={backend}"
+        shape = f"{self.size}x{self.size}x{self.channels}" if self.size else f"{self.channels}-d points"
+        return f"{self.model} {shape} b{self.batch} attn={backend}"
 
 
 PRESETS = {
@@ -88,6 +90,9 @@ PRESETS = {
     # the row tangent on a GPU: the plain DiT at the shapes of DiT-B/4, DiT-B/2 and DiT-XL/2 on 32x32x4 latents
     "gpu-rows": (Case("plain-dit-b/4", 4, 32, 256, 1000), Case("plain-dit-b/2", 4, 32, 256, 1000),
                  Case("plain-dit-xl/2", 4, 32, 64, 1000)),
+    # the two tangent engines (Dual layers: mf25/mf75; row tangent: mf25_rows/mf75_rows) on each of our model families
+    "engines": (Case("dit-tiny/2", 4, 16, 64, 10), Case("unet-tiny", 3, 16, 64), Case("mlp", 2, 0, 1024),
+                Case("imf-tiny/2", 4, 16, 64, 10)),
 }
 # plain-PyTorch models (not in the library's registry): name -> PlainDiT options
 PLAIN_MODELS = {
@@ -139,7 +144,7 @@ LOSSES: dict[str, Callable[[], Callable]] = {
     "mf_full": lambda: MeanFlowLoss(ratio=0.25, jvp="full"),
     "public": lambda: PublicReferenceLoss(ratio=0.25),
 }
-COMPILED = ("fm", "mf25", "mf75", "mf25_fwad", "mf75_fwad")
+COMPILED = ("fm", "mf25", "mf75", "mf25_rows", "mf75_rows", "mf25_fwad", "mf75_fwad")
 # variants that call torch.func.jvp themselves, so choose SDPA's math kernel (the fused ones have no forward-mode
 # rule; the library's forward-AD modes choose it on their own)
 FORWARD_AD = ("public",)
@@ -156,10 +161,13 @@ def synchronize(device: str) -> None:
 
 
 def build(case: Case, device: str, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor | None]:
-    """Model (zero-initialised layers perturbed so u and du/dt are non-trivial), Adam, batch x (B, C, H, W), labels (B,)."""
+    """Model (zero-initialised layers perturbed so u and du/dt are non-trivial), Adam, batch x (B, C, H, W) or
+    (B, C) points, labels (B,)."""
     torch.manual_seed(seed)
     if case.model in PLAIN_MODELS:
         model = PlainDiT(case.channels, case.size, num_classes=case.num_classes, **PLAIN_MODELS[case.model]).to(device)
+    elif not case.size:
+        model = create(case.model, dim=case.channels, num_classes=case.num_classes).to(device)
     else:
         model = create(
             case.model, in_channels=case.channels, input_size=case.size, num_classes=case.num_classes, attention_backend=case.attention
@@ -168,7 +176,7 @@ def build(case: Case, device: str, seed: int = 0) -> tuple[nn.Module, torch.opti
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    x = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
+    x = torch.randn(case.batch, case.channels, *([case.size] * 2 if case.size else []), device=device)
     labels = torch.randint(0, case.num_classes, (case.batch,), device=device) if case.num_classes else None
     return model, optimizer, x, labels
 

@@ -300,7 +300,7 @@ def test_sample_cli_on_a_released_imf_checkpoint(setup, tmp_path):
     Released checkpoints take 4 x 32 x 32 latents; the tiny VAE decodes them to 64 x 64 images."""
     from meanflow.cli import sample as sample_cli
     from meanflow.data.latents import IMF_LATENT_MEAN, IMF_LATENT_STD
-    from meanflow.models.imf_weights import load_official_imf
+    from meanflow.models.pretrained import load_official_imf
     from meanflow.sampling import generate
 
     root, files, vae, cache = setup

@@ -1,6 +1,6 @@
 """Dropout drawn per global sample: the same model whatever the number of processes.
 
-In-process checks of :mod:`meanflow.runtime.per_sample` (the mask of a row depends on its global
+In-process checks of :mod:`meanflow.autodiff.per_sample` (the mask of a row depends on its global
 index only; every JVP mode and every split of the batch gives the same loss and gradients; RNG
 replays such as activation checkpointing see the same mask), then one process against two gloo
 processes training with dropout, horizontal flips and class labels.
@@ -21,7 +21,7 @@ from meanflow import MeanFlowLoss
 from meanflow.models import create
 from meanflow.objectives import Shard
 from meanflow.runtime import checkpoint as ckpt
-from meanflow.runtime.per_sample import PerSampleDropout, model_rows, uniform
+from meanflow.autodiff.per_sample import PerSampleDropout, model_rows, uniform
 
 from conftest import free_port
 
@@ -58,16 +58,16 @@ class Dropouts(nn.Module):
 
 def test_masks_depend_on_the_global_row_only():
     net, x = Dropouts(), torch.ones(8, 3, 4, 4)
-    with PerSampleDropout(0, 3, torch.arange(8), 8):
+    with PerSampleDropout(3, torch.arange(8), 8):
         whole = net(x.clone())
     halves = []
     for k in range(2):
-        with PerSampleDropout(0, 3, torch.arange(4 * k, 4 * k + 4), 8):
+        with PerSampleDropout(3, torch.arange(4 * k, 4 * k + 4), 8):
             halves.append(net(x[4 * k:4 * k + 4].clone()))
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
-    with PerSampleDropout(0, 3, torch.arange(8), 8), model_rows(torch.tensor([5, 2])):
+    with PerSampleDropout(3, torch.arange(8), 8), model_rows(torch.tensor([5, 2])):
         torch.testing.assert_close(net(x[[5, 2]].clone()), whole[[5, 2]], rtol=0, atol=0)
-    with PerSampleDropout(0, 4, torch.arange(8), 8):
+    with PerSampleDropout(4, torch.arange(8), 8):
         assert not torch.equal(net(x.clone()), whole), "another step, other masks"
     # the expected dropout: the kept fraction and the 1 / (1 - p) scale of each layer
     kept_values = whole[whole != 0]
@@ -75,12 +75,46 @@ def test_masks_depend_on_the_global_row_only():
     kept = float((whole > 0).double().mean())
     assert abs(kept - 0.7 * 0.5 * 0.6) < 0.08
     # channel dropout: a channel is dropped whole
-    with PerSampleDropout(0, 3, torch.arange(8), 8):
+    with PerSampleDropout(3, torch.arange(8), 8):
         maps = F.dropout2d(torch.ones(8, 6, 5, 5), 0.5, True)
     assert bool((maps.amax((2, 3)) == maps.amin((2, 3))).all())
     net.eval()
-    with PerSampleDropout(0, 3, torch.arange(8), 8):
+    with PerSampleDropout(3, torch.arange(8), 8):
         torch.testing.assert_close(net(x.clone()), x)
+
+
+class StackedCopies(nn.Module):
+    """The batch stacked twice along the first dimension (as the guided targets stack (z, z)) through one dropout,
+    then two stacked dropout layers of the same kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.twice = nn.Dropout(0.5)
+        self.layers = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
+
+    def forward(self, x):
+        return self.twice(torch.cat([x, x])), self.layers(x)
+
+
+def test_stacked_copies_of_the_batch_and_of_a_layer_get_their_own_masks_whatever_the_split():
+    """Copy c of global row g is sample g + c * total (the global batch size, not the local one): each copy has
+    its own mask, and the masks of a split batch are those of the whole. Two dropout layers draw two masks."""
+    net, x, total = StackedCopies(), torch.ones(8, 512), 8
+    with PerSampleDropout(3, torch.arange(8), total):
+        stacked, layered = net(x)
+    for k in range(2):
+        rows = torch.arange(4 * k, 4 * k + 4)
+        with PerSampleDropout(3, rows, total):
+            half, half_layered = net(x[rows])
+        torch.testing.assert_close(half, stacked[torch.cat([rows, rows + total])], rtol=0, atol=0)
+        torch.testing.assert_close(half_layered, layered[rows], rtol=0, atol=0)
+    first, second = (stacked[:8] > 0), (stacked[8:] > 0)
+    assert abs(float((first & second).double().mean()) - 0.25) < 0.03, "the two copies' masks are independent"
+    # the second copy's mask is the one a batch of 2 * total rows would get at its rows total..2 total - 1
+    with PerSampleDropout(3, torch.arange(16), 16):
+        alone = net.twice(x.repeat(2, 1))
+    torch.testing.assert_close(stacked, alone, rtol=0, atol=0)
+    assert abs(float((layered > 0).double().mean()) - 0.25) < 0.03, "two layers, two independent masks: (1 - p)^2 kept"
 
 
 def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
@@ -93,7 +127,7 @@ def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
         total, size = 0.0, 16 // shards
         for k in range(shards):
             part = slice(k * size, (k + 1) * size)
-            with PerSampleDropout(7, 2, torch.arange(16)[part], 16):
+            with PerSampleDropout(72, torch.arange(16)[part], 16):
                 loss, _ = MeanFlowLoss(ratio=0.5, jvp=jvp, omega=1.5)(
                     model, x[part], labels[part], generator=torch.Generator().manual_seed(3), shard=Shard(k * size, 16))
             (loss / shards).backward()
@@ -107,7 +141,7 @@ def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
         torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
     without_dropout = create("mlp", dim=2, width=32, depth=2, num_classes=3)
     without_dropout.load_state_dict(model.state_dict())
-    with PerSampleDropout(7, 2, torch.arange(16), 16):
+    with PerSampleDropout(72, torch.arange(16), 16):
         plain, _ = MeanFlowLoss(ratio=0.5, omega=1.5)(without_dropout, x, labels, generator=torch.Generator().manual_seed(3))
     plain.backward()
     plain_grad = torch.cat([p.grad.flatten() for p in without_dropout.parameters()])
@@ -118,7 +152,7 @@ def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
 def test_a_replay_by_generator_state_gets_the_same_mask():
     """The pattern of a row-tangent rule: draw, restore the default generator, draw again on ones."""
     x = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
-    with PerSampleDropout(1, 1, torch.arange(6), 6):
+    with PerSampleDropout(11, torch.arange(6), 6):
         state = torch.get_rng_state()
         out = F.dropout(x, 0.5, True)
         torch.set_rng_state(state)
@@ -138,7 +172,7 @@ def test_row_tangents_share_the_per_sample_mask():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.4), nn.Tanh(), nn.Linear(16, 2))
     x, dx = torch.randn(8, 3), torch.randn(3, 3)
-    with PerSampleDropout(2, 9, torch.arange(8), 8):
+    with PerSampleDropout(29, torch.arange(8), 8):
         with model_rows(None):
             out, tangent = row_jvp(net, (x,), (dx,))
         with model_rows(None), fwAD.dual_level():
@@ -149,9 +183,9 @@ def test_row_tangents_share_the_per_sample_mask():
 
 
 def test_a_dropout_that_does_not_see_the_batch_first_is_an_error():
-    with PerSampleDropout(0, 0, torch.arange(4), 4), pytest.raises(RuntimeError, match="batch as the first dimension"):
+    with PerSampleDropout(0, torch.arange(4), 4), pytest.raises(RuntimeError, match="batch as the first dimension"):
         F.dropout(torch.ones(3, 4), 0.1, True)
-    with PerSampleDropout(0, 0, torch.arange(4), 4), pytest.raises(NotImplementedError, match="alpha_dropout"):
+    with PerSampleDropout(0, torch.arange(4), 4), pytest.raises(NotImplementedError, match="alpha_dropout"):
         F.alpha_dropout(torch.ones(4, 2), 0.1, True)
 
 
@@ -176,7 +210,7 @@ def test_dropout_inside_activation_checkpointing_is_refused():
     x = torch.randn(8, 2)
     for dropout in (0.2, 0.0):
         model = CheckpointedPoints(dropout=dropout).train()
-        with PerSampleDropout(0, 1, torch.arange(8), 8):
+        with PerSampleDropout(1, torch.arange(8), 8):
             if dropout:
                 with pytest.raises(RuntimeError, match="inside activation checkpointing.*Set the model's dropout to 0"):
                     model(x, torch.zeros(8), torch.ones(8))

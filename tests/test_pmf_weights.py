@@ -149,7 +149,7 @@ def test_wrong_preset_and_unknown_layout_are_refused(released, tmp_path):
     from meanflow.models import load_model
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no run, checkpoint or released weights at .*empty"):
+    with pytest.raises(PretrainedError, match=r"empty is in none of the known checkpoint formats"):
         load_model(tmp_path / "empty")  # what meanflow sample --checkpoint reads
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"PK\x03\x04" + b"\0" * 40)

@@ -572,3 +572,30 @@ def test_state_mismatch_names_each_problem_once_and_truncates_long_lists():
     state = {f"w{i}": torch.zeros(2) for i in range(1, 5)} | {"b": torch.zeros(4), "x": torch.zeros(1), "y": torch.zeros(1)}
     assert state_mismatch(own, state, shown=1) == [
         "missing keys: w0", "unexpected keys: x ... (2 in all)", "wrong shapes: b: file (4,), model (3,)"]
+
+
+def test_one_fill_step_names_every_problem_and_loads_nothing(tmp_path):
+    """fill_model: missing, unexpected and misshaped keys are all named, and the model keeps its weights."""
+    from meanflow.models.weights import fill_model
+
+    model = create("mlp", dim=2, width=8, depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.ones_like(v) for k, v in before.items()}
+    first, last = sorted(state)[0], sorted(state)[-1]
+    state.pop(first)
+    state[last] = torch.ones(3, *state[last].shape)
+    state["extra.weight"] = torch.ones(1)
+    with pytest.raises(PretrainedError, match=rf"file.pt does not fit mlp \(missing keys: {re.escape(first)} \| unexpected keys: "
+                                              rf"extra.weight \| wrong shapes: {re.escape(last)}: file \(3,.*\); pass another"):
+        fill_model(model, state, "file.pt", "pass another", target="mlp")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fill_model(model, {k: torch.ones_like(v) for k, v in before.items()}, "file.pt")
+    assert all(bool((v == 1).all()) for v in model.state_dict().values())
+
+
+def test_a_safetensors_name_is_not_enough_to_be_a_run(tmp_path):
+    """Detection by content: a file named model.safetensors beside a meta.json that is not safetensors is no run."""
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(PretrainedError, match="none of the known checkpoint formats"):
+        detect(tmp_path / "model.safetensors")

@@ -23,7 +23,7 @@ import meanflow.autodiff.rows_compiled as rows_compiled
 from meanflow import MeanFlowLoss
 from meanflow.autodiff.jvp import Tangent, jvp
 from meanflow.autodiff.rows import RowMixingError
-from meanflow.runtime.per_sample import PerSampleDropout
+from meanflow.autodiff.per_sample import PerSampleDropout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402
@@ -233,7 +233,7 @@ def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
         for net in (model, compiled):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no eager fallback
-                with PerSampleDropout(5, step_index, torch.arange(6) + first_row, 12):
+                with PerSampleDropout(50 + step_index, torch.arange(6) + first_row, 12):
                     results.append(step(model, net, x, labels))
     for eager, traced in (results[0:2], results[2:4]):
         for a, b in zip(eager, traced):
@@ -254,3 +254,71 @@ def test_a_model_moved_to_another_dtype_is_traced_again():
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert len(rows_compiled._GRAPHS[model]) == 2
+
+
+class Conditioned(torch.nn.Module):
+    """A user's model with two optional conditioning inputs of one shape, optional labels and a second head."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body, self.emb = torch.nn.Linear(6, 16), torch.nn.Embedding(4, 16)
+        self.u, self.v = torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+
+    def forward(self, z, r, t, labels=None, omega=None, scale=None, return_v=False):
+        extra = (torch.zeros_like(t) if omega is None else omega) + (torch.zeros_like(t) if scale is None else scale.exp())
+        h = self.body(torch.cat([z, r[:, None], (t * t)[:, None], extra[:, None]], dim=1))
+        h = torch.tanh(h if labels is None else h + self.emb(labels))
+        return (self.u(h), self.v(h)) if return_v else self.u(h)
+
+
+def test_the_signature_tells_apart_conditioning_names_labels_tangents_and_heads():
+    """Calls that differ only in a conditioning input's name, whether labels or a tangent on r are given, or
+    whether the second head is asked for, each get their own graph, equal to the eager row pass; a call like an
+    earlier one reuses its graph."""
+    model = Conditioned()
+    compiled = torch.compile(model, backend="aot_eager")
+    z, t, w = torch.randn(6, 3), torch.rand(6), torch.rand(6)
+    rows, dz, dr = torch.tensor([1, 4]), torch.randn(2, 3), torch.rand(2)
+    calls = [
+        dict(labels=None, tangent=Tangent(z=dz), conditioning={"omega": w}),
+        dict(labels=None, tangent=Tangent(z=dz), conditioning={"scale": w}),
+        dict(labels=torch.arange(6) % 3, tangent=Tangent(z=dz), conditioning={"omega": w}),
+        dict(labels=None, tangent=Tangent(z=dz, r=dr), conditioning={"omega": w}),
+        dict(labels=None, tangent=Tangent(z=dz), conditioning={"omega": w}, return_v=True),
+        dict(labels=None, tangent=Tangent(z=dz), conditioning={"omega": w + 1}),  # the first signature again
+    ]
+    for count, call in zip((1, 2, 3, 4, 5, 5), calls):
+        options = dict(call)
+        labels, tangent = options.pop("labels"), options.pop("tangent")
+        eager = jvp(model, z, t * 0.5, t, labels, rows, tangent, mode="rows", **options)
+        traced = jvp(compiled, z, t * 0.5, t, labels, rows, tangent, mode="rows", **options)
+        assert len(rows_compiled._GRAPHS[model]) == count, call
+        for a, b in zip((eager.u, eager.du, eager.v), (traced.u, traced.du, traced.v)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["forward_ad", "full"])
+def test_forward_mode_on_a_compiled_model_moves_t_along_its_tangent(mode):
+    """jvp="forward_ad" / "full" on a compiled model (torch.func.jvp through it) gives d/dt u along (v, 0, 1):
+    torch.func.jvp of the plain model in float64, and along (0, 0, 1) the time derivative alone, which t * t in
+    the model makes differ from zero."""
+    model = Conditioned().double()
+    compiled = torch.compile(model, backend="aot_eager")
+    z, t = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, dtype=torch.float64) * 0.5 + 0.4
+    r, rows, w = t * 0.5, torch.tensor([0, 3, 5]), torch.rand(6, dtype=torch.float64)
+
+    def reference(dz: torch.Tensor) -> torch.Tensor:
+        fn = lambda z_, t_: model(z_, r[rows], t_, None, omega=w[rows])  # noqa: E731
+        return torch.func.jvp(fn, (z[rows], t[rows]), (dz, torch.ones(3, dtype=torch.float64)))[1]
+
+    for dz in (torch.randn(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)):
+        out = jvp(compiled, z, r, t, None, rows, Tangent(z=dz), mode=mode, conditioning={"omega": w})
+        torch.testing.assert_close(out.du, reference(dz), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.u, model(z, r, t, None, omega=w), rtol=1e-12, atol=1e-12)
+        assert out.u.requires_grad and not out.du.requires_grad
+    assert float(reference(torch.zeros(3, 3, dtype=torch.float64)).detach().abs().min()) > 1e-3

@@ -356,7 +356,7 @@ def dropout(x: Tensor | Dual, p: float, training: bool) -> Tensor | Dual:
     """F.dropout; a Dual's tangent rows get the same mask as their primal rows.
 
     The mask is F.dropout of ones, so a mode that replaces dropout masks (per-sample masks in
-    training, :mod:`meanflow.runtime.per_sample`) replaces this one too.
+    training, :mod:`meanflow.autodiff.per_sample`) replaces this one too.
     """
     if not isinstance(x, Dual):
         return F.dropout(x, p, training)

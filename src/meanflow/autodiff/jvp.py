@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..runtime.per_sample import model_rows
+from .per_sample import model_rows
 from .dual import Dual, supports_dual
 from .forward_ad import forward_jvp
 from .rows import row_jvp

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..runtime.per_sample import replaying
+from .per_sample import replaying
 from .row_mode import Call, Rule, RowTangents, Track, aligned_rows, dims_argument, generic, rule
 
 aten = torch.ops.aten

@@ -15,7 +15,7 @@ A signature is everything the trace depends on: the shapes and dtypes of the inp
 weights, which tangents are given, the grad and autocast modes, the model's training flag, whether per-sample
 dropout is on.
 
-Dropout under ``meanflow train``'s per-sample masks (:mod:`meanflow.runtime.per_sample`) is
+Dropout under ``meanflow train``'s per-sample masks (:mod:`meanflow.autodiff.per_sample`) is
 traced: a mask is a hash of a key and of the rows' global indices, both inputs of the graph; the
 keys are drawn from the default generator just before each call, in the order the eager pass
 draws them, and the tangent's replay reuses its key, so the compiled pass applies the eager pass's
@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
-from ..runtime import per_sample
-from ..runtime.per_sample import inside_checkpoint
+from . import per_sample
+from .per_sample import inside_checkpoint
 from .rows import RowMixingError, row_jvp
 
 _DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
@@ -77,7 +77,7 @@ class _TraceHazards(TorchFunctionMode):
 def _draws(name: str, args: tuple, kwargs: dict) -> bool:
     """Whether the torch call ``name(*args, **kwargs)`` draws random numbers a trace would get wrong.
 
-    Dropout under a :class:`~meanflow.runtime.per_sample.PerSampleDropout` (``meanflow train``) does
+    Dropout under a :class:`~meanflow.autodiff.per_sample.PerSampleDropout` (``meanflow train``) does
     not: its mask is a hash of a key and of the rows' global indices, both inputs of the traced
     graph (:func:`_trace`), and the tangent's replay reuses the key.
     """

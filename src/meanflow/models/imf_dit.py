@@ -39,10 +39,11 @@ PREFIX = (("class", 8), ("omega", 4), ("t_min", 2), ("t_max", 2), ("time", 4))
 
 
 def rope_angles(head_dim: int, tokens: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles n * theta^(-2i / head_dim): (tokens, head_dim / 2) each."""
+    """cos and sin of the rotary angles n * theta^(-2i / head_dim): (tokens, head_dim / 2) each, float64
+    (the network casts them to its weights' dtype, so a float64 network is float64 throughout)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
     angles = torch.arange(tokens, dtype=torch.float64)[:, None] * freqs[None]  # (tokens, d/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 class SwiGLU(nn.Module):
@@ -169,7 +170,7 @@ class IMFDiT(nn.Module):
         self.time_tokens = nn.Parameter(torch.empty(counts["time"], hidden))
         self.prefix_tokens = sum(counts.values())
         cos, sin = rope_angles(hidden // heads, self.prefix_tokens + self.grid[0] * self.grid[1])
-        self.register_buffer("rope_cos", cos, persistent=False)  # (L, d_h / 2)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (L, d_h / 2), float64 until the model is cast
         self.register_buffer("rope_sin", sin, persistent=False)
         block = lambda: IMFBlock(hidden, heads, mlp_ratio, attention_backend)  # noqa: E731
         self.shared_blocks = nn.ModuleList(block() for _ in range(depth - head_depth))
@@ -217,21 +218,28 @@ class IMFDiT(nn.Module):
         if return_v and not self.has_v_head:
             raise ValueError("return_v=True needs the auxiliary v-head, but this iMF model was built without it (v_head=False, as for inference)")
         seq = self.sequence(z, t - r, labels, omega, t_min, t_max)  # (B, P + N, D)
+        rope = self.rope()
         for block in self.shared_blocks:
-            seq = block(seq, self.rope_cos, self.rope_sin)
-        u = self._head(self.u_heads, self.u_final_layer, seq)
+            seq = block(seq, *rope)
+        u = self._head(self.u_heads, self.u_final_layer, seq, rope)
         if not return_v:
             return u
-        return u, self._head(self.v_heads, self.v_final_layer, dual.primal(seq))
+        return u, self._head(self.v_heads, self.v_final_layer, dual.primal(seq), rope)
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables cos, sin (L, d_h / 2) in the dtype of the weights (built in float64)."""
+        dtype = self.x_embedder.proj.weight.dtype
+        return self.rope_cos.to(dtype), self.rope_sin.to(dtype)
 
     def sequence(self, z, h, labels, omega, t_min, t_max) -> torch.Tensor | Dual:
         """Prefix tokens (class, omega, t_min, t_max, h) then patch tokens: (B, P + N, D)."""
         return dual.cat([*prefix_groups(self, dual.primal(z), h, labels, omega, t_min, t_max), self.x_embedder(z)], dim=1)
 
-    def _head(self, blocks: nn.ModuleList, final: IMFFinalLayer, seq: torch.Tensor | Dual) -> torch.Tensor | Dual:
+    def _head(self, blocks: nn.ModuleList, final: IMFFinalLayer, seq: torch.Tensor | Dual,
+              rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | Dual:
         """Head blocks, then the final layer on the patch tokens: (B, P + N, D) -> (B, C, H, W)."""
         for block in blocks:
-            seq = block(seq, self.rope_cos, self.rope_sin)
+            seq = block(seq, *rope)
         return unpatchify(final(seq[:, self.prefix_tokens:]), self.grid, self.patch, self.in_channels)
 
 

@@ -31,7 +31,8 @@ import torch
 from .imf_weights import rename_official
 from .imf_dit import PREFIX
 from .mit import NOISE_SCALE, PMF_PRESETS
-from .pretrained import Format, Loaded, PretrainedError, Source, fill, read_flax_state, register_format, torch_layout
+from .pretrained import Format, Loaded, Source, fill, read_flax_state, register_format, torch_layout
+from .weights import PretrainedError
 
 FORMAT = "pmf-official"
 # The EMA (half-life, thousands of images) of each released model's reported FID
@@ -198,7 +199,7 @@ def _load_flax(source: Source, preset: str | None, weights: str) -> Loaded:
     model = fill(spec, pmf_state(net_tree(_subtree(state, path))), f"{what} ({'/'.join(path)})")
     step = _step(state.get("step"))
     taken = {"model": "params (raw weights)", "ema": "ema_params (EMA)"}.get(key, f"ema_params[{path[-1]}] (EMA, half-life {path[-1]}k images)")
-    return Loaded(model, spec, FORMAT, f"{taken}, step {step}", info={"step": step, "meta": official_meta(spec, step)})
+    return Loaded(model, spec, FORMAT, f"{taken}, step {step}", info={"step": step}, meta=official_meta(spec, step))
 
 
 def _load_torch_port(source: Source, preset: str | None, weights: str) -> Loaded:
@@ -208,7 +209,7 @@ def _load_torch_port(source: Source, preset: str | None, weights: str) -> Loaded
     arch, found = _sized(state, preset, str(source.path))
     spec = spec_of(arch, found)
     model = fill(spec, state, str(source.path))
-    return Loaded(model, spec, FORMAT, "the file's only weights (the released EMA)", info={"meta": official_meta(spec, None)})
+    return Loaded(model, spec, FORMAT, "the file's only weights (the released EMA)", meta=official_meta(spec, None))
 
 
 def _nest(node: Any, path: tuple[str, ...]) -> Any:

@@ -1,10 +1,14 @@
-"""Load released or earlier weights into our networks: ``from_pretrained(path)``.
+"""Load released or earlier weights into our networks: ``from_pretrained(path)``, the one weights
+reader behind ``meanflow sample``, ``meanflow eval``, ``train --init`` and ``meanflow import``.
 
 A small registry of checkpoint *formats*, each a ``detect`` (is this file or folder mine?) and a
 ``load`` (build our network and fill it), tried in registration order. The format found, the
 weights taken (EMA or raw) and, for initialisations, the key table are stated, never guessed
-silently. Loading is all-or-nothing: every tensor of the new network is filled from the file with
-its exact shape, or an error names what is missing, extra or mis-shaped, and no model is returned.
+silently. Formats are recognised by content (file headers, keys, folder layout), never by a file
+name's suffix alone. Loading is all-or-nothing: every tensor of the new network is filled from the
+file with its exact shape (:func:`meanflow.models.weights.fill_model`), or an error names what is
+missing, extra or mis-shaped, and no model is returned. Each :class:`Loaded` carries the meta a run
+records (``Loaded.run_meta()``), so sampling and evaluation take any format.
 
 =====================  =====================================================================
 format                 what it reads
@@ -58,23 +62,15 @@ from torch import nn
 from ..config import load_config, save_config
 from ..runtime import checkpoint as ckpt
 from .dit import DIT_PRESETS, sincos_2d
-from .imf_weights import is_official_imf, official_architecture, official_imf_from_state, official_spec_kwargs, rename_official
-from .imf_weights import official_meta as imf_meta
 from .hub import hub_file
+from .imf_weights import (OFFICIAL_VAE, is_official_imf, official_architecture, official_imf_from_state, official_meta,
+                          official_spec_kwargs, rename_official)
 from .registry import available, create
-from .weights import state_mismatch
 from .unet import fir_kernel
+from .weights import PretrainedError, fill_model
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
 WEIGHTS = ("ema", "model")
-
-
-class PretrainedError(ValueError):
-    """A checkpoint could not be read or does not fit the network; the message says why and what to do."""
-
-
-class UnknownFormatError(PretrainedError):
-    """A path in none of the registered checkpoint formats."""
 
 
 @dataclass
@@ -83,7 +79,9 @@ class Loaded:
 
     model: the network (eval mode); spec: ``{"name", "kwargs"}`` to rebuild it; format: the format's
     name; weights: which weights of the file were taken, in words; table: (source key, our key,
-    status) rows for initialisations (status "mapped", "new: ...", "dropped: ..."); info: extra facts.
+    status) rows for initialisations (status "mapped", "new: ...", "dropped: ..."); info: extra facts;
+    meta: what a run's checkpoint records (``meta.json``: model, objective, data), when the format
+    knows it (our runs, released iMF weights); see :meth:`run_meta`.
     """
 
     model: nn.Module
@@ -92,6 +90,21 @@ class Loaded:
     weights: str
     table: list[tuple[str, str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] | None = None
+
+    def run_meta(self, vae: str | None = None) -> dict[str, Any]:
+        """The checkpoint meta of these weights: the file's own, else the data an import records for the
+        network's family (:data:`IMPORT_DATA`; ``vae``: the VAE to decode latents with)."""
+        if self.meta is not None:
+            return self.meta
+        family = self.spec["name"].split("-")[0]
+        if family not in IMPORT_DATA:
+            raise PretrainedError(f"no data description for {self.spec['name']} weights (known families: {', '.join(IMPORT_DATA)})")
+        data = IMPORT_DATA[family][1]
+        kwargs = self.spec["kwargs"]
+        data = {**data, "sample_shape": [kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]],
+                "num_classes": kwargs.get("num_classes", 0), "info": {**data["info"], **({"vae": vae} if vae else {})}}
+        return {"format": 1, "model": self.spec, "objective": "meanflow", "data": data, "step": None}
 
     def describe(self) -> str:
         """One line: the format and the weights taken."""
@@ -243,11 +256,18 @@ def from_pretrained(path: str | Path, preset: str | None = None, weights: str = 
     return loaded.model
 
 
+def load_official_imf(path: str | Path, preset: str | None = None, input_size: int = 32,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """An eval-mode iMF network (no v-head) holding the released iMF weights in ``path`` (format
+    ``imf-official``, :mod:`meanflow.models.imf_weights`); ``preset``, when given, must be what the file holds."""
+    return load_pretrained(path, preset, format="imf-official", input_size=input_size).model.to(device)
+
+
 # What an imported run records about its data: (config preset, data meta), by network family.
 IMPORT_DATA = {
     "unet": ("cifar10", {"name": "cifar10", "kind": "images", "info": {}}),
     "dit": ("imagenet-b4", {"name": "latents", "kind": "latents",
-                            "info": {"vae": "stabilityai/sd-vae-ft-mse", "latent_scale": 0.18215, "latent_shift": 0.0}}),
+                            "info": {"vae": OFFICIAL_VAE, "latent_scale": 0.18215, "latent_shift": 0.0}}),
 }
 
 
@@ -265,18 +285,16 @@ def save_as_run(loaded: Loaded, out: str | Path, vae: str | None = None) -> Path
     family = loaded.spec["name"].split("-")[0]
     if family not in IMPORT_DATA:
         raise PretrainedError(f"no data description for {loaded.spec['name']} imports (known families: {', '.join(IMPORT_DATA)})")
-    preset, data = IMPORT_DATA[family]
+    meta = dict(loaded.run_meta(vae))
     kwargs = loaded.spec["kwargs"]
-    data = {**data, "sample_shape": [kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]],
-            "num_classes": kwargs.get("num_classes", 0), "info": {**data["info"], **({"vae": vae} if vae else {})}}
-    cfg = load_config(preset, [f"model.name={loaded.spec['name']}", "model.kwargs={}", "train.steps=1"])
+    cfg = load_config(IMPORT_DATA[family][0], [f"model.name={loaded.spec['name']}", "model.kwargs={}", "train.steps=1"])
     cfg.model.kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size", "num_classes")}
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     weights = loaded.model.state_dict()
     record = {"source": str(loaded.info.get("source", "")), "format": loaded.format, "weights": loaded.weights,
               "table": [list(row) for row in loaded.table]}
-    meta = {"format": 1, "model": loaded.spec, "objective": "meanflow", "data": data, "step": 0, "imported": record}
+    meta |= {"step": 0, "imported": record}
     ckpt.save_checkpoint(out / "checkpoints", 0, {"model.safetensors": weights, "ema.safetensors": weights,
                                                   "meta.json": meta, "config.yaml": (out / "config.yaml").read_text()}, keep=1)
     (out / "import.json").write_text(json.dumps(record, indent=2))
@@ -287,7 +305,7 @@ def _detect(source: Source) -> Format:
     for fmt in FORMATS.values():
         if fmt.detect(source):
             return fmt
-    raise UnknownFormatError(
+    raise PretrainedError(
         f"{source.path} is in none of the known checkpoint formats ({', '.join(FORMATS)}); see meanflow.models.pretrained"
     )
 
@@ -325,22 +343,20 @@ def _tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value).copy())
 
 
-def fill(spec: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """A new network built from ``spec`` whose every tensor comes from ``state``, with exact shapes.
-
-    Raises PretrainedError naming the missing, unexpected and mis-shaped keys (nothing is loaded then).
-    """
+def build(spec: dict[str, Any], what: str) -> nn.Module:
+    """A freshly initialised network of ``spec`` ``{"name", "kwargs"}``; PretrainedError naming ``what`` if it cannot be built."""
     try:
-        model = create(spec["name"], **spec["kwargs"])
+        return create(spec["name"], **spec["kwargs"])
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{what}: cannot build {spec['name']} {spec['kwargs']}: {err}") from None
-    own = model.state_dict()
-    problems = state_mismatch(own, state, shown=3)
-    if problems:
-        raise PretrainedError(f"{what} does not fit {spec['name']} {spec['kwargs']}: " + " | ".join(problems)
-                              + ". It is another architecture or size: pass the matching preset (meanflow models).")
-    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True)
-    return model
+
+
+def fill(spec: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """A new network built from ``spec`` whose every tensor comes from ``state``, with exact shapes
+    (:func:`~meanflow.models.weights.fill_model`: PretrainedError naming the missing, unexpected and
+    mis-shaped keys, nothing loaded)."""
+    return fill_model(build(spec, what), state, what, "it is another architecture or size: pass the matching preset (meanflow models)",
+                      target=f"{spec['name']} {spec['kwargs']}")
 
 
 def _check_weights(weights: str, allowed: tuple[str, ...]) -> None:
@@ -350,10 +366,19 @@ def _check_weights(weights: str, allowed: tuple[str, ...]) -> None:
 
 # Format: our own runs --------------------------------------------------------------------------
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file by content: an 8-byte little-endian header length, then a JSON header."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
 def _is_run(source: Source) -> bool:
     path = source.path
-    if path.suffix == ".safetensors":
-        return (path.parent / "meta.json").exists()
+    if path.is_file():
+        return _is_safetensors(path) and (path.parent / "meta.json").exists()
     if not path.is_dir():
         return False
     try:
@@ -370,10 +395,11 @@ def _load_run(source: Source, preset: str | None, weights: str) -> Loaded:
     spec = meta["model"]
     if preset is not None and preset != spec["name"]:
         raise PretrainedError(f"{directory} holds a {spec['name']} model, not {preset}; drop the preset or pass {spec['name']}")
-    file = source.path if source.path.suffix == ".safetensors" else directory / f"{weights}.safetensors"
-    model = fill(spec, ckpt.read_weights(file), str(file))
+    file = source.path if source.path.is_file() else directory / f"{weights}.safetensors"
+    model = fill_model(build(spec, str(file)), ckpt.read_weights(file), f"weights in {file}",
+                       f"the model recorded in {directory}/meta.json is another one (different model config?)")
     taken = f"{file.name} (step {meta.get('step')})"
-    return Loaded(model, spec, "meanflow-run", taken, info={"meta": meta, "checkpoint": str(directory)})
+    return Loaded(model, spec, "meanflow-run", taken, info={"meta": meta, "checkpoint": str(directory)}, meta=meta)
 
 
 register_format(Format("meanflow-run", "our run / checkpoint directories and weights files", _is_run, _load_run))
@@ -451,7 +477,7 @@ def _load_py_meanflow(source: Source, preset: str | None, weights: str) -> Loade
     if args is not None and hasattr(args, "dropout"):
         kwargs["dropout"] = float(args.dropout)
     spec = {"name": preset or "unet-cifar10", "kwargs": kwargs}
-    model = create(spec["name"], **spec["kwargs"])
+    model = build(spec, str(source.path))
     prefixes = official_unet_names(model)
     renamed = {}
     for ours in model.state_dict():
@@ -765,7 +791,7 @@ def _load_official_imf(source: Source, preset: str | None, weights: str, input_s
     model = official_imf_from_state(source.torch_payload, str(source.path), preset, input_size)
     arch = official_architecture(rename_official(source.torch_payload))
     spec = {"name": model.preset or "imf-tiny/2", "kwargs": official_spec_kwargs(arch, input_size)}
-    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)", info={"meta": imf_meta(model)})
+    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)", meta=official_meta(model))
 
 
 register_format(Format("imf-official", "released iMF checkpoints iMF-{B,M,L,XL}-2.pth (state dict of iMeanFlow(eval=True), keys net.*)",

@@ -41,8 +41,6 @@ import torch.utils.checkpoint
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .seeding import STREAMS, derive_seed
-
 _ELEMENTWISE = (F.dropout, torch.dropout)
 _CHANNELWISE = (F.dropout1d, F.dropout2d, F.dropout3d)
 _UNSUPPORTED = (F.alpha_dropout, F.feature_alpha_dropout, torch.alpha_dropout, torch.feature_alpha_dropout)
@@ -53,16 +51,17 @@ class PerSampleDropout(TorchFunctionMode):
     """Dropout masks drawn per global sample (module docstring), for one training step.
 
     Args:
-        seed, step: the run's seed and the step; the default generators are seeded from them on entry.
+        seed: the step's dropout seed (training derives it from the run's seed and the step); the default
+            generators are seeded with it on entry.
         rows: (B,) int64 global indices of the local batch's rows (rank k of W: k B + arange(B)), on the
             model's device (nothing is then copied between host and device).
         total: the global batch size (rows of a model input that stacks the batch c times get the
             indices ``rows + c * total``).
     """
 
-    def __init__(self, seed: int, step: int, rows: Tensor, total: int):
+    def __init__(self, seed: int, rows: Tensor, total: int):
         super().__init__()
-        self.seed = derive_seed(seed, step, STREAMS["dropout"])
+        self.seed = seed
         self.base, self.total = rows.long(), int(total)
         self.current = self.base
         self.replay, self.last_key = False, None  # see replaying()
