@@ -18,14 +18,13 @@ one-pass MeanFlow JVP.
 * ``depth - head_depth`` shared blocks, then a u-head and an auxiliary v-head of ``head_depth``
   blocks each (the v-head serves training only; inference models leave it out, ``v_head=False``).
 * Output: each head predicts the clean image x_hat; the velocity is derived from it,
-  u = (z_t - x_hat) / clip(t, 0.05, 1), so t reaches the network only there. ``denoise`` returns
+  u = (z_t - x_hat) / clip(t, 0.05, 1), so t reaches the network only there. ``denoise(z, h)`` returns
   x_hat itself.
 
 The sampling prior of the official recipe is N(0, noise_scale^2) (1, 2 or 4 by model):
 ``noise_scale`` is an attribute of the network, which the samplers and the pMF objective read.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
