@@ -80,6 +80,7 @@ def sharded_runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("mode, layers", CASES)
 def test_one_fsdp2_step_on_two_processes_equals_one_process(sharded_runs, mode, layers):
     sharded = torch.load(sharded_runs / f"fsdp_{mode}_{layers}.pt")
@@ -147,6 +148,7 @@ def fsdp_runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.heavy
 def test_fsdp_training_on_two_processes_equals_one_process(fsdp_runs, tmp_path, tiny_toy_overrides):
     from meanflow.config import load_config
     from meanflow.training.trainer import train
@@ -166,6 +168,7 @@ def test_fsdp_training_on_two_processes_equals_one_process(fsdp_runs, tmp_path, 
     assert [r["grad_norm"] > 0.05 for r in logged if "grad_norm" in r] == [True, True]  # clipped: the sharded norm matters
 
 
+@pytest.mark.heavy
 def test_stopped_and_resumed_fsdp_training_equals_the_uninterrupted_run(fsdp_runs):
     full, resumed = _checkpoint(fsdp_runs / "full"), _checkpoint(fsdp_runs / "stopped")
     for name in WEIGHTS:
@@ -176,6 +179,7 @@ def test_stopped_and_resumed_fsdp_training_equals_the_uninterrupted_run(fsdp_run
             assert torch.equal(value, resumed["optimizer"][i][key]), (i, key)
 
 
+@pytest.mark.heavy
 def test_fsdp_training_under_bf16_autocast_tracks_one_process(fsdp_runs, tmp_path, tiny_toy_overrides):
     """FSDP2 with bf16 autocast trains fp32 weights that stay within bf16 rounding of the one-process bf16 run:
     their median gap is below the one between that run and its fp32 twin (the rounding's own scale)."""

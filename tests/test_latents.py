@@ -225,6 +225,7 @@ def test_clear_errors(setup, tmp_path):
         decode(torch.zeros(1, 4, 8, 8), {"source": "digits"})
 
 
+@pytest.mark.heavy
 def test_unreachable_hub_vae_says_how_to_pass_a_local_copy(setup, tmp_path):
     """Offline (HF_HUB_OFFLINE=1, so no network retries), a hub id fails with advice to use --vae PATH."""
     root, files, vae, cache = setup

@@ -225,6 +225,7 @@ def test_closed_form_average_velocity_satisfies_identity_through_our_jvp():
     assert (wrong - u).abs().max() > 1e-2
 
 
+@pytest.mark.heavy
 def test_short_training_approaches_closed_form_one_step_map():
     """Trained on N(MU, S^2) samples, the 1-NFE map x = e - u(e, 0, 1) approaches the exact MU + S e.
 

@@ -243,6 +243,7 @@ def _final(run) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt.resolve_checkpoint(run) / "model.safetensors"))
 
 
+@pytest.mark.heavy
 def test_one_and_two_processes_train_the_same_model_with_dropout_flips_and_labels(tmp_path):
     subprocess.run([sys.executable, "-m", "meanflow", *DIGITS, "--out", str(tmp_path / "one")], check=True, env=ENV, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "meanflow"]

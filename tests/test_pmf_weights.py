@@ -263,7 +263,7 @@ def test_pytorch_port_file_gives_the_official_networks_outputs(released, tmp_pat
     assert_same(ours(loaded.model)[0], reference(released["ema_infer"], eval=True)[0])
     from meanflow.models import load_model
 
-    model, meta = load_model(tmp_path / "pMF-tiny.pt")  # what meanflow sample / eval read
+    _, meta = load_model(tmp_path / "pMF-tiny.pt")  # what meanflow sample / eval read
     assert meta["data"]["kind"] == "images" and meta["data"]["sample_shape"] == [3, 16, 16] and meta["data"]["num_classes"] == 10
     with pytest.raises(PretrainedError, match="one set of weights"):
         load_pretrained(tmp_path / "pMF-tiny.pt", weights="model")

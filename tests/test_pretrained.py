@@ -383,6 +383,7 @@ def jax_reference():
     return jax.jit(lambda params: Net().apply({"params": params}, x, t, h, y))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("orbax", [True, False])
 def test_official_jax_checkpoint_gives_the_official_dits_outputs(tmp_path, jax_state, jax_reference, orbax):
     save_flax(tmp_path / "workdir", jax_state, orbax)

@@ -54,6 +54,7 @@ def step(model, net, x, labels, seed: int = 4) -> tuple[torch.Tensor, torch.Tens
     return loss.detach(), dudt, torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@pytest.mark.heavy
 def test_compiled_row_pass_equals_the_eager_one_and_follows_the_weights():
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -69,6 +70,7 @@ def test_compiled_row_pass_equals_the_eager_one_and_follows_the_weights():
     assert len(graphs) == 1 and callable(next(iter(graphs.values())))
 
 
+@pytest.mark.heavy
 def test_no_rule_runs_after_the_trace(monkeypatch):
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -81,6 +83,7 @@ def test_no_rule_runs_after_the_trace(monkeypatch):
     assert len(calls) == 1  # the trace; the other five calls ran the compiled graph
 
 
+@pytest.mark.heavy
 def test_each_part_of_the_signature_gets_its_own_graph():
     """Batch size, grad mode, autocast and the training flag each change the trace: each gets a new graph
     that agrees with the eager row pass (a reused graph would drop gradients, casts or BatchNorm's mode)."""
@@ -120,6 +123,7 @@ def saved_bytes(fn) -> int:
     return sum(total)
 
 
+@pytest.mark.heavy
 def test_the_tangent_stays_out_of_autograd():
     """The compiled row pass saves what the compiled plain forward saves: no tangent activations."""
     model = plain_dit()
@@ -141,6 +145,7 @@ def test_a_model_that_draws_random_numbers_runs_the_eager_row_pass():
     assert all(isinstance(reason, str) for reason in rows_compiled._GRAPHS[model].values())
 
 
+@pytest.mark.heavy
 def test_bf16_autocast_matches_the_eager_row_pass():
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -156,6 +161,7 @@ def test_a_model_that_mixes_rows_raises_as_it_does_eagerly():
         MeanFlowLoss(ratio=0.5)(torch.compile(BatchNormMLP(), backend="aot_eager"), torch.randn(6, 3))
 
 
+@pytest.mark.heavy
 def test_the_traced_graphs_do_not_keep_the_model_alive():
     model = plain_dit()
     step(model, torch.compile(model, backend="aot_eager"), *batch())
@@ -203,6 +209,7 @@ def test_a_model_with_activation_checkpointing_runs_the_eager_row_pass():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_the_row_pass_is_compiled_with_the_models_backend():
     seen = []
 
@@ -215,6 +222,7 @@ def test_the_row_pass_is_compiled_with_the_models_backend():
     assert len(seen) == 1 and seen[0] > 100  # the row pass's graph (the model itself never ran compiled)
 
 
+@pytest.mark.heavy
 def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
     """Under meanflow train's per-sample dropout the row pass is traced: the keys and the rows' global
     indices are inputs of the graph (no random op in it, so any backend gives the same masks), and the
@@ -244,6 +252,7 @@ def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
     assert len(graphs) == 1 and callable(next(iter(graphs.values())))
 
 
+@pytest.mark.heavy
 def test_a_model_moved_to_another_dtype_is_traced_again():
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -274,6 +283,7 @@ class Conditioned(torch.nn.Module):
         return (self.u(h), self.v(h)) if return_v else self.u(h)
 
 
+@pytest.mark.heavy
 def test_the_signature_tells_apart_conditioning_names_labels_tangents_and_heads():
     """Calls that differ only in a conditioning input's name, whether labels or a tangent on r are given, or
     whether the second head is asked for, each get their own graph, equal to the eager row pass; a call like an

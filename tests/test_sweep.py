@@ -77,6 +77,7 @@ def test_sweep_runs_then_skips_finished_and_resumes_interrupted(tmp_path):
     assert (victim / "metrics.json").exists()
 
 
+@pytest.mark.heavy
 def test_summary_table_matches_metrics_files(tmp_path):
     spec_path = _spec(tmp_path)
     out = tmp_path / "out"
