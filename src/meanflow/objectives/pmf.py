@@ -134,6 +134,9 @@ class PMFLoss(IMFLoss):
         loss, stats = super().reduce(out)
         if not self.perceptual:
             return loss, stats
+        if out.x.ndim != 4 or out.x.shape[1] != 3:
+            raise ValueError(f"the pMF perceptual terms (lpips_weight, convnext_weight) compare RGB images (B, 3, H, W); this data "
+                             f"is {tuple(out.x.shape)}: set objective.lpips_weight=0 objective.convnext_weight=0")
         x_hat = out.x_hat
         lpips, convnext = self.distances(x_hat)(x_hat, out.x.to(x_hat.dtype), out.boxes)
         below = out.draws.t < self.perceptual_max_t  # (B,)
