@@ -413,8 +413,18 @@ def test_truncated_msgpack_is_refused(tmp_path, jax_state):
     save_flax(tmp_path / "wd", jax_state, orbax=False)
     file = next((tmp_path / "wd").iterdir())
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    with pytest.raises(PretrainedError, match="truncated or corrupt"):
+    with pytest.raises(PretrainedError, match=r"could not be read as a flax checkpoint: ValueError: .*incomplete input"):
         load_pretrained(file, input_size=8)
+
+
+@pytest.mark.parametrize("orbax", [True, False])
+def test_jax_checkpoint_by_relative_path(tmp_path, jax_state, monkeypatch, orbax):
+    """Orbax takes only absolute paths: a relative one is resolved first (it used to fail as "corrupt")."""
+    save_flax(tmp_path / "ckpt", jax_state, orbax)
+    monkeypatch.chdir(tmp_path)
+    for relative in ("ckpt", "ckpt/checkpoint_5", "./ckpt/../ckpt/checkpoint_5"):
+        loaded = load_pretrained(relative, input_size=8)
+        assert loaded.format == "flax-meanflow" and loaded.info["step"] == 5
 
 
 # --- facebookresearch DiT / willisma SiT as initialisation ------------------------------------------------

@@ -190,25 +190,10 @@ class IMFDiT(nn.Module):
 
     def reset_parameters(self, token_init: float = 1.0, embedding_init: float = 1.0, weight_init: float = 0.32) -> None:
         """The official initialisation (``TorchLinear`` "scaled_variance", zero gates and outputs)."""
-        hidden = self.class_tokens.shape[1]
-        for tokens in (self.class_tokens, self.omega_tokens, self.t_min_tokens, self.t_max_tokens, self.time_tokens):
-            nn.init.normal_(tokens, std=token_init / math.sqrt(hidden))
-        nn.init.normal_(self.y_embedder.weight, std=embedding_init / math.sqrt(hidden))
-        for embedder in (self.h_embedder, self.omega_embedder, self.cfg_t_start_embedder, self.cfg_t_end_embedder):
-            for layer in (embedder.mlp[0], embedder.mlp[2]):
-                nn.init.normal_(layer.weight, std=embedding_init / math.sqrt(layer.in_features))
-                nn.init.zeros_(layer.bias)
-        for blocks in filter(None, (self.shared_blocks, self.u_heads, self.v_heads)):
-            for module in blocks.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=weight_init / math.sqrt(module.in_features))
+        init_in_context(self, token_init, embedding_init, weight_init)
         conv = self.x_embedder.proj
         nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(conv.bias)
-        for final in (self.u_final_layer, self.v_final_layer):
-            if final is not None:
-                nn.init.zeros_(final.linear.weight)
-                nn.init.zeros_(final.linear.bias)
 
     def forward(
         self,
@@ -261,6 +246,28 @@ class IMFDiT(nn.Module):
         for block in blocks:
             seq = block(seq, self.rope_cos, self.rope_sin)
         return unpatchify(final(seq[:, self.prefix_tokens:]), self.grid, self.patch, self.in_channels)
+
+
+def init_in_context(model: nn.Module, token_init: float, embedding_init: float, weight_init: float) -> None:
+    """The official initialisation shared by the in-context DiTs (iMF, pMF), all but the patch embedder:
+    prefix tokens and label table ~ N(0, token_init or embedding_init / sqrt(D)), embedder weights
+    ~ N(0, embedding_init / sqrt(fan_in)) with zero biases, block weights ~ N(0, weight_init / sqrt(fan_in)),
+    final layers zero (the residual gates are built at zero)."""
+    hidden = model.class_tokens.shape[1]
+    for group, _ in PREFIX:
+        nn.init.normal_(getattr(model, f"{group}_tokens"), std=token_init / math.sqrt(hidden))
+    nn.init.normal_(model.y_embedder.weight, std=embedding_init / math.sqrt(hidden))
+    for embedder in (model.h_embedder, model.omega_embedder, model.cfg_t_start_embedder, model.cfg_t_end_embedder):
+        for layer in (embedder.mlp[0], embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=embedding_init / math.sqrt(layer.in_features))
+            nn.init.zeros_(layer.bias)
+    for blocks in filter(None, (model.shared_blocks, model.u_heads, model.v_heads)):
+        for module in blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=weight_init / math.sqrt(module.in_features))
+    for final in filter(None, (model.u_final_layer, model.v_final_layer)):
+        nn.init.zeros_(final.linear.weight)
+        nn.init.zeros_(final.linear.bias)
 
 
 def _per_sample(value: torch.Tensor | float | None, default: float, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:

@@ -13,10 +13,10 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..runtime import checkpoint as ckpt
-from .imf_weights import load_official_imf, official_meta
+from .pretrained import UnknownFormatError, load_pretrained
 from .registry import available, create, family
 
-OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF weights (torch.save of a state dict)
+OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF / pMF weights of the PyTorch ports (torch.save of a state dict)
 
 
 def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -67,14 +67,23 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     """(eval-mode model, checkpoint meta) from a run dir, checkpoint dir or ``*.safetensors`` file.
 
     ``ema=True`` loads ``ema.safetensors`` (the field's convention for reported numbers); a
-    ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file is read as a released
-    iMF checkpoint (:mod:`meanflow.models.imf_weights`).
+    ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file, and any other existing
+    path that is not a run, is read as released weights by :func:`~meanflow.models.pretrained.load_pretrained`
+    (iMF and pMF checkpoints, whose formats record the data they generate).
     """
     path = Path(path)
     if path.suffix in OFFICIAL_SUFFIXES and path.is_file():
-        model = load_official_imf(path, device=device)
-        return model, official_meta(model)
-    directory = ckpt.resolve_checkpoint(path)
+        return _released(path, ema, device)
+    try:
+        directory = ckpt.resolve_checkpoint(path)
+    except FileNotFoundError:
+        if not path.exists():
+            raise
+        try:
+            return _released(path, ema, device)
+        except UnknownFormatError:
+            raise FileNotFoundError(f"no run, checkpoint or released weights at {path}: no checkpoints/{ckpt.PREFIX}*/{ckpt.MARKER} "
+                                    "under it, and it is in none of the released formats (meanflow.models.pretrained)") from None
     meta = ckpt.read_meta(directory)
     weights_file = path if path.suffix == ".safetensors" else directory / ("ema.safetensors" if ema else "model.safetensors")
     model = build_model(meta["model"])
@@ -83,3 +92,12 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     except RuntimeError as err:
         raise RuntimeError(f"weights in {weights_file} do not match the model recorded in {directory}/meta.json: {err}") from err
     return model.to(device).eval(), meta
+
+
+def _released(path: Path, ema: bool, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """(eval-mode model, meta) of released weights whose format records the data they generate."""
+    loaded = load_pretrained(path, weights="ema" if ema else "model")
+    if "meta" not in loaded.info:
+        raise ValueError(f"{path} holds {loaded.format} weights, which do not record the data they generate; "
+                         f"make a run of them first: meanflow import {path} --out RUN_DIR")
+    return loaded.model.to(device).eval(), loaded.info["meta"]
