@@ -36,6 +36,7 @@ CROP_AREA = (0.08, 1.0)  # official: fraction of the image area
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # official: aspect ratio w / h, log-uniform
 CONVNEXT_REPO = "facebook/convnextv2-base-22k-224"  # the official code's ConvNeXt checkpoint
 CONVNEXT_LAYER_NORM_EPS = 1e-6  # the official network's final LayerNorm epsilon
+MISSING_PACKAGE = "the pMF perceptual losses need the {!r} package: pip install 'meanflow[perceptual]'"
 
 
 class PerceptualWeightsMissing(RuntimeError):
@@ -101,7 +102,10 @@ class PerceptualDistances(nn.Module):
 
 def lpips_vgg(pretrained: bool = True) -> nn.Module:
     """``lpips.LPIPS(net="vgg")`` (v0.1 linear weights from the package); VGG-16 trunk pretrained or random."""
-    lpips = _import("lpips", "lpips")
+    try:
+        import lpips
+    except ImportError:
+        raise ImportError(MISSING_PACKAGE.format("lpips")) from None
     if pretrained:
         _vgg16_weights()
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated ``pretrained`` argument
@@ -111,7 +115,10 @@ def lpips_vgg(pretrained: bool = True) -> nn.Module:
 
 def convnext_v2_base(pretrained: bool = True) -> nn.Module:
     """``transformers.ConvNextV2Model`` of :data:`CONVNEXT_REPO`, pretrained or with random weights of the same shape."""
-    transformers = _import("transformers", "transformers")
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(MISSING_PACKAGE.format("transformers")) from None
     if not pretrained:
         config = transformers.ConvNextV2Config(depths=[3, 3, 27, 3], hidden_sizes=[128, 256, 512, 1024],
                                                layer_norm_eps=CONVNEXT_LAYER_NORM_EPS)
@@ -144,13 +151,6 @@ def _vgg16_weights() -> Path:
                 "train without it (objective.lpips_weight=0)"
             ) from None
     return path
-
-
-def _import(module: str, package: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ImportError(f"the pMF perceptual losses need the {package!r} package: pip install 'meanflow[perceptual]'") from None
 
 
 def _first_line(err: Exception) -> str:
