@@ -29,7 +29,7 @@ def test_imagenet_presets_hold_the_official_recipe_and_dry_run(name, capsys):
     assert (t.optimizer, t.lr, t.betas, t.weight_decay, t.warmup_steps, t.batch_size) == ("muon", 1e-3, [0.9, 0.95], 0.0, 0, 1024)
     assert (t.muon_momentum, t.muon_ns_steps, t.muon_adjust_lr) == (0.95, 5, "original")
     assert t.steps == 320 * (1_281_167 // 1024)
-    assert t.ema_decays == pytest.approx([0.5 ** (1024 / (k * 1000)) for k in (500, 1000, 2000)], abs=1e-6)
+    assert t.ema_decays == pytest.approx([0.5 ** (1024 / (k * 1000)) for k in (500, 1000, 2000)], abs=1e-6) and t.ema_rampup == 0.05
     assert (cfg.eval.omega, cfg.eval.interval) == (omega, interval)
     assert main(["train", "--config", name, "--dry-run"]) == 0
     assert "kind: pmf" in capsys.readouterr().out
