@@ -26,7 +26,7 @@ FLOORS = (
 )
 # third-party packages that are optional extras or slow to import: the only ones imported lazily
 DEFERRED_OK = ("PIL", "matplotlib", "torchvision", "sklearn", "scipy", "diffusers", "torch_fidelity",
-               "torch.utils.tensorboard", "jvp_flash_attention", "flax", "jax", "orbax", "huggingface_hub",
+               "torch.utils.tensorboard", "jvp_flash_attention", "flax", "jax", "orbax", "huggingface_hub", "lpips", "transformers",
                "torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")  # FSDP2: ~1 s
 # (importer package, imported package) pairs of one floor that must not meet: the JVP machinery (per-sample
 # dropout included) needs no process or file plumbing, models know no data source, metrics are pure

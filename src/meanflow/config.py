@@ -68,6 +68,7 @@ class ModelConfig:
 
 PARALLEL_MODES = ("ddp", "fsdp")  # train.parallel: see meanflow.runtime.distributed
 LATENT_NORMALISATIONS = ("vae", "imf")  # data.latent_norm: see meanflow.data.latents
+PIXEL_OBJECTIVES = ("pmf",)  # objective kinds that train on pixels only (no VAE latents)
 
 
 @_declared
@@ -115,7 +116,8 @@ class ObjectiveConfig:
         return values[name]
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # train.optimizer name -> torch class
+OPTIMIZERS = ("adam", "adamw", "muon")  # train.optimizer: see meanflow.training.builders.build_optimizer
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")  # train.muon_adjust_lr: torch.optim.Muon's adjust_lr_fn
 LR_DECAYS = ("none", "cosine", "linear")  # train.lr_decay: see meanflow.training.builders.learning_rate
 MAX_EMA_STD = 12 ** -0.5  # train.ema_stds: the widest power-function EMA, gamma = 0 (see meanflow.training.ema)
 
@@ -128,9 +130,15 @@ class TrainConfig:
     steps: int = setting(4000, above=0)
     batch_size: int = setting(1024, above=0, doc="global batch, divisible by the number of processes")
     lr: float = setting(1e-3, above=0.0)
-    optimizer: str = setting("adam", choices=tuple(OPTIMIZERS), doc="adamw: decoupled weight decay")
+    optimizer: str = setting("adam", choices=OPTIMIZERS,
+                             doc="adamw: decoupled weight decay; muon: Muon on the nn.Linear weights, AdamW on the rest (pMF)")
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = setting(0.0, low=0.0)
+    muon_momentum: float = setting(0.95, low=0.0, high=1.0, doc="muon: momentum of the Muon part (official pMF: 0.95)")
+    muon_ns_steps: int = setting(5, above=0, doc="muon: Newton-Schulz steps of the Muon part (official pMF: 5)")
+    muon_adjust_lr: str = setting("original", choices=MUON_LR_ADJUSTMENTS,
+                                  doc="muon: the Muon step's scale, sqrt(max(1, fan_out / fan_in)) (original, official pMF) "
+                                      "or 0.2 sqrt(max(fan_in, fan_out)) (match_rms_adamw)")
     warmup_steps: int = setting(0, low=0)
     lr_decay: str = setting("none", choices=LR_DECAYS,
                             doc="after warm-up: none (constant, the paper's), cosine or linear down to 0 at the last step")
@@ -259,6 +267,12 @@ def validate(cfg: Config) -> None:
                 except ValueError as err:
                     raise ConfigError(str(err)) from None
     stage_objectives(cfg)
+    if cfg.data.name == "latents" and any(objective.kind in PIXEL_OBJECTIVES for _, objective in stage_objectives(cfg)):
+        raise ConfigError("objective.kind=pmf trains in pixel space without a VAE, but data.name=latents holds VAE latents; "
+                          "train on images (data.name=folder data.path=IMAGES data.image_size=256) or use objective.kind=imf on latents")
+    if cfg.train.optimizer == "muon" and cfg.train.parallel == "fsdp":
+        raise ConfigError("train.optimizer=muon orthogonalises whole weight matrices, which train.parallel=fsdp shards; "
+                          "use train.parallel=ddp (or train.optimizer=adamw with fsdp)")
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
     _validate_emas(cfg.train)
