@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
+from test_trainer_invariants import _cfg
 
 from meanflow.runtime import distributed as D
 from meanflow.training import trainer
 from meanflow.training.trainer import train
-
-from conftest import free_port
-from test_trainer_invariants import _cfg
 
 LR = 0.5
 

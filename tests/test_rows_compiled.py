@@ -293,12 +293,12 @@ def test_the_signature_tells_apart_conditioning_names_labels_tangents_and_heads(
     z, t, w = torch.randn(6, 3), torch.rand(6), torch.rand(6)
     rows, dz, dr = torch.tensor([1, 4]), torch.randn(2, 3), torch.rand(2)
     calls = [
-        dict(labels=None, tangent=Tangent(z=dz), conditioning={"omega": w}),
-        dict(labels=None, tangent=Tangent(z=dz), conditioning={"scale": w}),
-        dict(labels=torch.arange(6) % 3, tangent=Tangent(z=dz), conditioning={"omega": w}),
-        dict(labels=None, tangent=Tangent(z=dz, r=dr), conditioning={"omega": w}),
-        dict(labels=None, tangent=Tangent(z=dz), conditioning={"omega": w}, return_v=True),
-        dict(labels=None, tangent=Tangent(z=dz), conditioning={"omega": w + 1}),  # the first signature again
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"omega": w}},
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"scale": w}},
+        {"labels": torch.arange(6) % 3, "tangent": Tangent(z=dz), "conditioning": {"omega": w}},
+        {"labels": None, "tangent": Tangent(z=dz, r=dr), "conditioning": {"omega": w}},
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"omega": w}, "return_v": True},
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"omega": w + 1}},  # the first signature again
     ]
     for count, call in zip((1, 2, 3, 4, 5, 5), calls):
         options = dict(call)
@@ -323,7 +323,9 @@ def test_forward_mode_on_a_compiled_model_moves_t_along_its_tangent(mode):
     r, rows, w = t * 0.5, torch.tensor([0, 3, 5]), torch.rand(6, dtype=torch.float64)
 
     def reference(dz: torch.Tensor) -> torch.Tensor:
-        fn = lambda z_, t_: model(z_, r[rows], t_, None, omega=w[rows])  # noqa: E731
+        def fn(z_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+            return model(z_, r[rows], t_, None, omega=w[rows])
+
         return torch.func.jvp(fn, (z[rows], t[rows]), (dz, torch.ones(3, dtype=torch.float64)))[1]
 
     for dz in (torch.randn(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)):

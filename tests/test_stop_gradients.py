@@ -15,7 +15,7 @@ from meanflow.models import create
 from meanflow.objectives import IMFLoss
 
 MODES = ("dual", "rows", "forward_ad", "full")
-f64 = dict(dtype=torch.float64)
+f64 = {"dtype": torch.float64}
 
 
 def _flat_grad(loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _assert_constants(out) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("options", [dict(omega=2.0, kappa=0.3, t_end=0.8), dict(omega=1.5, tangent_velocity="model")],
+@pytest.mark.parametrize("options", [{"omega": 2.0, "kappa": 0.3, "t_end": 0.8}, {"omega": 1.5, "tangent_velocity": "model"}],
                          ids=["guided", "guided-model-tangent"])
 def test_meanflow_gradient_is_that_of_a_frozen_guided_target(mode, options):
     torch.manual_seed(0)
