@@ -117,6 +117,7 @@ class ObjectiveConfig:
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # train.optimizer name -> torch class
 LR_DECAYS = ("none", "cosine", "linear")  # train.lr_decay: see meanflow.training.builders.learning_rate
+MAX_EMA_STD = 12 ** -0.5  # train.ema_stds: the widest power-function EMA, gamma = 0 (see meanflow.training.ema)
 
 
 @_declared
@@ -134,7 +135,11 @@ class TrainConfig:
     lr_decay: str = setting("none", choices=LR_DECAYS,
                             doc="after warm-up: none (constant, the paper's), cosine or linear down to 0 at the last step")
     grad_clip: float = setting(0.0, low=0.0, doc="max gradient norm; 0 = no clipping")
-    ema_decays: list = field(default_factory=lambda: [0.999])
+    ema_decays: list = field(default_factory=lambda: [0.999])  # exponential EMAs (meanflow.training.ema.Exponential)
+    ema_rampup: float = setting(0.05, low=0.0, high=1.0,
+                                doc="EDM's EMA ramp-up: each exponential EMA's half-life is at most this fraction of the "
+                                    "steps so far (0 = off: the plain EMA from the initial weights, as before)")
+    ema_stds: list = field(default_factory=list)  # EDM2 power-function EMAs of these relative std's, after the exponential ones
     precision: str = setting("fp32", choices=("fp32", "bf16"))
     compile: bool = False
     parallel: str = setting("ddp", choices=PARALLEL_MODES,
@@ -265,8 +270,7 @@ def validate(cfg: Config) -> None:
     stage_objectives(cfg)
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
-    if not cfg.train.ema_decays or not all(0.0 < d < 1.0 for d in cfg.train.ema_decays):
-        raise ConfigError(f"train.ema_decays must be a non-empty list of numbers in (0, 1); got {cfg.train.ema_decays!r}")
+    _validate_emas(cfg.train)
     if not cfg.eval.steps or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.steps):
         raise ConfigError(f"eval.steps must be a non-empty list of positive integers; got {cfg.eval.steps!r}")
     if cfg.eval.omega is not None and not _is_number(cfg.eval.omega):
@@ -274,6 +278,17 @@ def validate(cfg: Config) -> None:
     if cfg.eval.interval is not None and not (isinstance(cfg.eval.interval, list) and len(cfg.eval.interval) == 2
                                               and all(_is_number(x) for x in cfg.eval.interval)):
         raise ConfigError(f"eval.interval must be two numbers [t_min, t_max] (or null: the model's own); got {cfg.eval.interval!r}")
+
+
+def _validate_emas(train: TrainConfig) -> None:
+    """train.ema_decays in (0, 1), train.ema_stds in (0, MAX_EMA_STD], at least one EMA in all."""
+    if not all(_is_number(d) and 0.0 < d < 1.0 for d in train.ema_decays):
+        raise ConfigError(f"train.ema_decays must be a list of numbers in (0, 1); got {train.ema_decays!r}")
+    if not all(_is_number(s) and 0.0 < s <= MAX_EMA_STD for s in train.ema_stds):
+        raise ConfigError(f"train.ema_stds must be a list of numbers in (0, {MAX_EMA_STD:.4f}] (power-function EMA widths, "
+                          f"e.g. EDM2's [0.05, 0.1]); got {train.ema_stds!r}")
+    if not train.ema_decays and not train.ema_stds:
+        raise ConfigError("train.ema_decays and train.ema_stds are both empty; give at least one EMA (e.g. train.ema_decays=[0.999])")
 
 
 def _is_number(value: Any) -> bool:

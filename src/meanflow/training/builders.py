@@ -1,4 +1,4 @@
-"""Turn config sections into training objects: loss, optimizer, LR schedule (models: :mod:`meanflow.models.loading`)."""
+"""Turn config sections into training objects: loss, optimizer, LR schedule, EMA profiles (models: :mod:`meanflow.models.loading`)."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,17 @@ from torch import nn
 
 from .. import objectives
 from ..config import OPTIMIZERS, ObjectiveConfig, TrainConfig
+from .ema import Exponential, PowerFunction, Profile
 
 
 def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
     """The objective named by ``cfg.kind`` with the options given in the config."""
     return objectives.create(cfg.kind, **cfg.options)
+
+
+def ema_profiles(cfg: TrainConfig) -> list[Profile]:
+    """The EMAs of a run: one per ``ema_decays`` entry (with the ``ema_rampup`` ramp-up), then one per ``ema_stds`` entry."""
+    return [*(Exponential(float(d), cfg.ema_rampup) for d in cfg.ema_decays), *(PowerFunction(float(s)) for s in cfg.ema_stds)]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -36,7 +36,7 @@ from ..runtime import distributed as D
 from ..runtime.per_sample import PerSampleDropout
 from ..sampling import guidance_inputs
 from ..runtime.seeding import GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
-from .builders import build_loss, build_optimizer, learning_rate, load_optimizer_state
+from .builders import build_loss, build_optimizer, ema_profiles, learning_rate, load_optimizer_state
 from .diagnostics import Diagnostics, StatsWindow, host_copy
 from .ema import EMA
 from .guard import NonFiniteGuard, TrainingDiverged, apply_step
@@ -88,7 +88,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
         D.shard_model(model)
     stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
     optimizer = build_optimizer(model, cfg.train)
-    ema = EMA(model, cfg.train.ema_decays)
+    ema = EMA(model, ema_profiles(cfg.train))
     state = TrainState()
     if resume:
         state = _restore(out, spec, model, optimizer, ema, info)
@@ -125,7 +125,8 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
                 D.all_reduce_gradients(model, info.world_size)
             keys, values = _step_values({**stats, "grad_norm": _grad_norm(model, cfg.train.grad_clip)}, info)
             state.step += 1
-            apply_step(optimizer, ema, model, guard.observe(values[keys.index("loss")], values[keys.index("grad_norm")], state.step))
+            apply_step(optimizer, ema, model, guard.observe(values[keys.index("loss")], values[keys.index("grad_norm")], state.step),
+                       state.step)
             if step == 0 or state.step == cfg.train.steps:
                 D.check_in_sync(model, info, state.step)
             window.add(keys, values)
@@ -279,8 +280,8 @@ def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config,
     """Write a checkpoint of full (unsharded) state dicts from rank 0; every rank takes part (gathers shards)."""
     path = None
     weights = {"model.safetensors": _full_state(model.state_dict())}
-    for i, decay in enumerate(ema.decays):
-        weights[EMA.file_name(i, decay)] = _full_state(ema.state_dict(i))
+    for i, name in enumerate(ema.file_names()):
+        weights[name] = _full_state(ema.state_dict(i))
     optimizer_state = _full_optimizer_state(optimizer)
     if info.is_main:
         files = dict(weights)
@@ -305,8 +306,8 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
     if meta.get("model") != spec:
         raise ConfigError(f"checkpoint {path} was trained with model {meta.get('model')} but the config builds {spec}; resume with the run's own config.yaml")
     _load_weights(model, ckpt.read_weights(path / "model.safetensors"), path)
-    for i, decay in enumerate(ema.decays):
-        ema.load_state_dict(i, ckpt.read_weights(path / EMA.file_name(i, decay)))
+    for i, name in enumerate(ema.file_names()):
+        ema.load_state_dict(i, ckpt.read_weights(path / name))
     saved = ckpt.read_state(path)
     load_optimizer_state(optimizer, _sharded_optimizer_state(optimizer, saved["optimizer"]))
     restore_rng_states(saved)
