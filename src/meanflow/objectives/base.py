@@ -90,6 +90,10 @@ class Objective:
         loss, stats, _ = self.loss_and_targets(model, x, labels, generator=generator, shard=shard, cond=cond)
         return loss, host_stats(stats)
 
+    def at_step(self, step: int, steps: int) -> None:
+        """Training step ``step`` (0-based) of ``steps`` comes next; objectives with a schedule over training
+        (AlphaFlow's alpha) read it, the others ignore it."""
+
     def loss_and_targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None, *,
                          generator: torch.Generator | None = None, shard: Shard | None = None,
                          cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, DeviceStats, Targets]:

@@ -113,6 +113,7 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
                 group["lr"] = learning_rate(step, cfg.train)
             x, labels, cond = _batch(*next(batches), step, info, cfg, augment)
             loss_fn = next(loss for start, loss in reversed(stages) if step >= start)
+            loss_fn.at_step(step, cfg.train.steps)
             rows = torch.arange(info.rank * local, (info.rank + 1) * local, device=info.device)  # this shard's global sample indices
             with autocast, PerSampleDropout(cfg.seed, step, rows, cfg.train.batch_size):
                 loss, stats, targets = loss_fn.loss_and_targets(
