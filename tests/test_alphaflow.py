@@ -10,7 +10,8 @@ import torch
 
 from meanflow.config import load_config
 from meanflow.models import create
-from meanflow.objectives import AlphaFlowLoss, MeanFlowLoss
+from meanflow.objectives import AlphaFlowLoss, MeanFlowLoss, Shard
+from meanflow.runtime.per_sample import PerSampleDropout
 from meanflow.training.trainer import train
 
 from user_models import UserMLP
@@ -144,6 +145,38 @@ def test_any_module_trains_through_the_jvp_layer(alpha):
         assert float(loss) == pytest.approx(float(reference), rel=1e-6)
 
 
+@pytest.mark.parametrize("loss_fn", [_fixed(0.5), _fixed(0.5, tangent_velocity="model"), MeanFlowLoss(ratio=0.5, tangent_velocity="model")],
+                         ids=["alpha", "alpha-model-step", "meanflow-model-tangent"])
+def test_the_extra_forward_passes_take_per_sample_dropout_masks(loss_fn):
+    """Dropout 0.3: the batch in one piece, two or four shards gives the same loss and gradients (the forward passes on
+    the r != t rows only get their rows' masks), and the masks act."""
+    torch.manual_seed(0)
+    model = create("mlp", dim=2, width=32, depth=2, num_classes=0, dropout=0.3)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+
+    def run(shards: int) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        total, size = 0.0, 16 // shards
+        for k in range(shards):
+            part = slice(k * size, (k + 1) * size)
+            with PerSampleDropout(7, 2, torch.arange(16)[part], 16):
+                loss, _ = loss_fn(model, x[part], generator=torch.Generator().manual_seed(3), shard=Shard(k * size, 16))
+            (loss / shards).backward()
+            total += loss.item() / shards
+        return total, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference_loss, reference_grad = run(1)
+    for shards in (2, 4):
+        loss, grad = run(shards)
+        assert loss == pytest.approx(reference_loss, rel=1e-6), shards
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
+    model.eval()  # no dropout: other gradients (the adaptive weight keeps the loss itself near the same value)
+    model.zero_grad()
+    loss_fn(model, x, generator=torch.Generator().manual_seed(3))[0].backward()
+    plain = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert (plain - reference_grad).abs().max() > 0.1 * reference_grad.abs().max(), "dropout must be active above"
+
+
 def test_a_short_run_logs_the_schedule_and_trains_after_a_flow_matching_stage(tmp_path, tiny_toy_overrides):
     """Two Flow Matching steps, then AlphaFlow with a linear schedule over the run: alpha of step s (0-based) of 8
     is 1 - s / 8, logged at every step of the AlphaFlow stage."""
@@ -160,10 +193,10 @@ def test_a_short_run_logs_the_schedule_and_trains_after_a_flow_matching_stage(tm
 
 def test_two_gloo_processes_train_as_one_through_the_whole_curriculum(tmp_path, tiny_toy_overrides):
     """A linear schedule over 6 steps, clamp 0.2 (alpha 1, 1 (5/6 > 1 - 0.2), 2/3, 1/2, 1/3, 0 (1/6 < 0.2)): trajectory Flow Matching,
-    alpha-targets and the JVP target, on 2 processes (DDP) as on one, up to float reduction order."""
+    alpha-targets and the JVP target, with dropout 0.1, on 2 processes (DDP) as on one, up to float reduction order."""
     from test_training import _assert_same_training, _final_weights, _spawn
 
-    overrides = [*tiny_toy_overrides, "train.steps=6", "train.checkpoint_every=6", "train.batch_size=32", "model.kwargs.dropout=0.0",
+    overrides = [*tiny_toy_overrides, "train.steps=6", "train.checkpoint_every=6", "train.batch_size=32", "model.kwargs.dropout=0.1",
                  "objective.kind=alphaflow", "objective.alpha_schedule=linear", "objective.alpha_clamp=0.2", "train.log_every=3"]
     _spawn(2, tmp_path / "two", overrides)
     _spawn(1, tmp_path / "one", overrides)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..options import Option
+from ..runtime.per_sample import model_rows
 from .base import DeviceStats, Model, Targets, register, target_dtype, weighted_regression
 from .meanflow import MeanFlowLoss
 from .path import _expand
@@ -111,11 +112,11 @@ class AlphaFlowLoss(MeanFlowLoss):
             return super()._regress(model, z, r, t, v, labels, rows, cond, tangent=tangent)
         cond = cond or {}
         dtype = target_dtype(z)
-        u = model(z, r, t, labels, **cond).to(dtype)
+        with model_rows(None):
+            u = model(z, r, t, labels, **cond).to(dtype)
         target = v.to(dtype).clone()
         if alpha < 1.0:
-            target[rows] = alpha_target(model, z[rows], r[rows], t[rows], v[rows], tangent[rows],
-                                        None if labels is None else labels[rows], {k: c[rows] for k, c in cond.items()}, alpha)
+            target[rows] = alpha_target(model, z, r, t, v, tangent, labels, cond, alpha, rows)
         if self.target_clip:
             target[rows] = target[rows].clamp(-self.target_clip, self.target_clip)
         return u, target.detach(), torch.zeros_like(target)
@@ -131,15 +132,17 @@ class AlphaFlowLoss(MeanFlowLoss):
 
 
 def alpha_target(model: Model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
-                 labels: torch.Tensor | None, cond: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-    """alpha v + (1 - alpha) u(z - D step, r, t - D) with D = alpha (t - r), without gradient; (n, ...).
+                 labels: torch.Tensor | None, cond: dict[str, torch.Tensor], alpha: float, rows: torch.Tensor) -> torch.Tensor:
+    """alpha v + (1 - alpha) u(z - D step, r, t - D) with D = alpha (t - r) on ``rows`` (n,), without gradient; (n, ...).
 
-    z, v, step: (n, ...) (``step``: the velocity the point moves along, v or the model's own); r, t: (n,);
-    labels: (n,) or None; cond: per-sample model inputs, each (n, ...). Target math in float32 (float64 for
-    float64 z).
+    z, v, step: (B, ...) (``step``: the velocity the point moves along, v or the model's own); r, t: (B,);
+    labels: (B,) or None; cond: per-sample model inputs, each (B, ...). Dropout masks follow the rows
+    (:func:`~meanflow.runtime.per_sample.model_rows`). Target math in float32 (float64 for float64 z).
     """
     dtype = target_dtype(z)
+    z, r, t, v, step = z[rows], r[rows], t[rows], v[rows], step[rows]
     d = alpha * (t - r)  # (n,)
-    with torch.no_grad():
-        u_next = model(z - _expand(d, z) * step.to(z.dtype), r, t - d, labels, **cond).to(dtype)
+    take = {k: c[rows] for k, c in cond.items()}
+    with torch.no_grad(), model_rows(rows):
+        u_next = model(z - _expand(d, z) * step.to(z.dtype), r, t - d, None if labels is None else labels[rows], **take).to(dtype)
     return (alpha * v.to(dtype) + (1.0 - alpha) * u_next).detach()

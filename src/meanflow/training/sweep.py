@@ -147,7 +147,8 @@ def baseline_axes(spec: SweepSpec, where: str = "sweep spec") -> dict[str, Any]:
         if axis not in values or not values[axis]:
             raise ConfigError(f"{where}: baseline axis {axis!r} is not an axis of the sweep; its axes: {', '.join(_axes(spec)) or 'none'}")
         if value not in values[axis]:
-            raise ConfigError(f"{where}: baseline {axis}={_text(value)} is not one of the sweep's values {', '.join(map(_text, values[axis]))}")
+            raise ConfigError(f"{where}: baseline {axis}={_text(value)} is not one of the sweep's values "
+                              f"{', '.join(map(_text, values[axis]))}")
     return baseline
 
 
@@ -311,10 +312,14 @@ def summarise(rows: list[dict[str, Any]], metrics: list[str], baseline: dict[str
             values = [r["metrics"].get(name, math.nan) for r in group]
             entry["metrics"][name] = {"mean": _mean(values), "std": _std(values), "n": len(values), "values": values}
             if other:
-                entry["metrics"][name]["paired"] = paired_differences(
-                    {r["seed"]: r["metrics"].get(name, math.nan) for r in group}, {r["seed"]: r["metrics"].get(name, math.nan) for r in other})
+                entry["metrics"][name]["paired"] = paired_differences(_by_seed(group, name), _by_seed(other, name))
         summary.append(entry)
     return summary
+
+
+def _by_seed(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """{seed: value of ``metric``} of a point's finished runs (NaN where a run does not report it)."""
+    return {r["seed"]: r["metrics"].get(metric, math.nan) for r in rows}
 
 
 def paired_differences(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any]:
@@ -328,7 +333,7 @@ def paired_differences(values: dict[int, float], baseline: dict[int, float]) -> 
     seeds = sorted(s for s in values if s in baseline and math.isfinite(values[s]) and math.isfinite(baseline[s]))
     diffs = [values[s] - baseline[s] for s in seeds]
     mean, std, n = _mean(diffs), _std(diffs), len(diffs)
-    sign = 0.0 if n == 0 else math.copysign(1.0, mean) if mean else 0.0
+    sign = math.copysign(1.0, mean) if n and mean else 0.0
     same = sum(1 for d in diffs if d * sign > 0)
     if n < 2:
         t = math.nan
@@ -447,8 +452,8 @@ def _write_summary_csv(path: Path, summary, metrics: list[str], axes: list[str])
                 p = m.get("paired")
                 paired = ["", "", "", "", "", "", ""] if p is None else [
                     entry["baseline"], ";".join(map(repr, p["diffs"])), p["mean"], p["std"], p["n"], p["same_sign"], p["t"]]
-                writer.writerow([*(_text(point.get(a, "")) for a in axes), name, m["mean"], m["std"], m["n"], ";".join(map(repr, m["values"])),
-                                 *paired])
+                writer.writerow([*(_text(point.get(a, "")) for a in axes), name, m["mean"], m["std"], m["n"],
+                                 ";".join(map(repr, m["values"])), *paired])
 
 
 def _write_runs_csv(path: Path, rows, metrics: list[str], axes: list[str]) -> None:
