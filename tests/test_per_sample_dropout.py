@@ -150,7 +150,7 @@ def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
 
 
 def test_a_replay_by_generator_state_gets_the_same_mask():
-    """The pattern of a row-tangent rule: draw, restore the default generator, draw again on ones."""
+    """The pattern of a recomputation (activation checkpointing): draw, restore the default generator, draw again."""
     x = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     with PerSampleDropout(11, torch.arange(6), 6):
         state = torch.get_rng_state()
@@ -163,7 +163,7 @@ def test_a_replay_by_generator_state_gets_the_same_mask():
 
 
 def test_row_tangents_share_the_per_sample_mask():
-    """The row-subset JVP (autodiff.rows) replays dropout on ones: its tangent gets the same per-sample
+    """The row-subset JVP (autodiff.rows) draws each dropout mask once, on ones: its tangent gets the same per-sample
     mask as the primal, so it equals forward-mode AD of the same masked function."""
     import torch.autograd.forward_ad as fwAD
 

@@ -19,8 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import MeanFlowLoss
 from meanflow.autodiff.row_mode import RowTangents
-from meanflow.autodiff.row_rules import heads_merge
 from meanflow.autodiff.rows import RowMixingError, row_jvp
+from meanflow.autodiff.rules import heads_merge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plain_dit import PlainDiT  # noqa: E402

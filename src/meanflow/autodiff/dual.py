@@ -5,19 +5,10 @@ models compute it during their ordinary forward pass over the whole batch, on :c
 values: the primal (B, ...) is exactly the plain forward's, recorded by autograd as usual, and
 beside it the tangent of its first n rows (n, ...) is propagated under ``torch.no_grad()``
 (du/dt is a stop-gradient target, so nothing of it is saved for backward). The cost over a
-Flow Matching step is one tangent pass over n rows. Each op's tangent rule is written out:
-
-    linear, conv            W dx                     (no bias term, no zero weight tangent)
-    LayerNorm, GroupNorm    rstd (dx - mean(dx) - x_hat mean(x_hat dx)), then the affine scale
-    RMSNorm                 s (dx - x_hat mean(x_hat dx)), s = 1 / rms(x), then the scale
-    GELU, SiLU              f'(x) dx
-    SwiGLU silu(a) b        silu'(a) da b + silu(a) db
-    rotary embedding        the same rotation of dx (the map is linear)
-    softmax (attention)     p (ds - sum(p ds))
-    a * b, a + b            da b + a db, da + db
-
-A normalisation's Jacobian (before its affine scale) is symmetric and so is an elementwise
-function's, so their tangents come from PyTorch's fused backward kernels (one kernel each).
+Flow Matching step is one tangent pass over n rows. The tangent rules (linear, conv, norms,
+activations, products, dropout, attention) are those of :mod:`meanflow.autodiff.rules`, which the
+row tangent uses too; here are the few that only Dual values need: sums, concatenation, views
+(the same op on the tangent), the rotary embedding (a linear map) and SwiGLU (a product).
 
 The batch dimension stays first: ops that would move, split or index it raise. A model opts in
 by setting ``supports_dual = True`` and building from the layers at the end of this module
@@ -27,11 +18,13 @@ here, which pass plain tensors straight to the ordinary ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import rules
 
 @dataclass(init=False, repr=False, eq=False)
 class Dual:
@@ -211,11 +204,8 @@ def mul(a: Operand, b: Operand) -> Dual:
     """a * b where a or b is a Dual: tangent da b + a db."""
     out = primal(a) * primal(b)
     n = _check_operands(out, a, b)
-    with torch.no_grad():
-        terms = [x.tangent * _rows(primal(y), n, out.ndim) for x, y in ((a, b), (b, a)) if isinstance(x, Dual)]
-        tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        tangent = tangent.expand(n, *out.shape[1:])
-    return Dual(out, tangent)
+    tangent = rules.product(_tangent(a), _rows(primal(b), n, out.ndim), _rows(primal(a), n, out.ndim), _tangent(b))
+    return Dual(out, tangent.expand(n, *out.shape[1:]))
 
 
 def addcmul(c: Operand, a: Operand, b: Operand) -> Tensor | Dual:
@@ -224,20 +214,13 @@ def addcmul(c: Operand, a: Operand, b: Operand) -> Tensor | Dual:
         return torch.addcmul(c, a, b)
     out = torch.addcmul(primal(c), primal(a), primal(b))
     n = _check_operands(out, c, a, b)
-    shape = (n, *out.shape[1:])
-    tangent, fresh = (c.tangent, False) if isinstance(c, Dual) else (None, False)
-    with torch.no_grad():
-        for x, y in ((a, b), (b, a)):
-            if not isinstance(x, Dual):
-                continue
-            y = _rows(primal(y), n, out.ndim)
-            if tangent is None:
-                tangent, fresh = x.tangent * y, True
-            elif fresh and tangent.shape == shape:  # a tensor of our own: accumulate in place
-                tangent.addcmul_(x.tangent, y)
-            else:
-                tangent, fresh = torch.addcmul(tangent, x.tangent, y), True
-    return Dual(out, tangent.expand(shape))
+    tangent = rules.addcmul(_tangent(c), _tangent(a), _rows(primal(b), n, out.ndim), _rows(primal(a), n, out.ndim), _tangent(b))
+    return Dual(out, tangent.expand(n, *out.shape[1:]))
+
+
+def _tangent(x: Operand) -> Tensor | None:
+    """A Dual's tangent, or None for a plain operand."""
+    return x.tangent if isinstance(x, Dual) else None
 
 
 def cat(items: Sequence[Tensor | Dual], dim: int) -> Tensor | Dual:
@@ -253,42 +236,29 @@ def cat(items: Sequence[Tensor | Dual], dim: int) -> Tensor | Dual:
         return Dual(out, torch.cat(tangents, dim))
 
 
-# Layers' functional forms -------------------------------------------------------------------
+# Layers' functional forms: the primal op, and the tangent from :mod:`meanflow.autodiff.rules` ----------
+def _call(fn: Callable[..., Tensor], *args: Any) -> Any:
+    """A rule's primal call, as the model makes it."""
+    return fn(*args)
+
+
+def _head(n: int) -> Callable[[Tensor], Tensor]:
+    """A batch tensor's first n rows, detached: how a rule cuts the primal's results to the rows with a tangent."""
+    return lambda x: x[:n].detach()
+
+
 def linear(x: Tensor | Dual, weight: Tensor, bias: Tensor | None = None) -> Tensor | Dual:
     """F.linear; tangent W dx."""
     if not isinstance(x, Dual):
         return F.linear(x, weight, bias)
-    with torch.no_grad():
-        tangent = F.linear(x.tangent, weight)
-    return Dual(F.linear(x.primal, weight, bias), tangent)
+    return Dual(F.linear(x.primal, weight, bias), rules.without_bias(F.linear, x.tangent, weight))
 
 
 def conv2d(x: Tensor | Dual, weight: Tensor, bias: Tensor | None = None, **options) -> Tensor | Dual:
     """F.conv2d (options: stride, padding, dilation, groups); tangent W * dx."""
     if not isinstance(x, Dual):
         return F.conv2d(x, weight, bias, **options)
-    with torch.no_grad():
-        tangent = F.conv2d(x.tangent, weight, None, **options)
-    return Dual(F.conv2d(x.primal, weight, bias, **options), tangent)
-
-
-def _normalise(x: Dual, plain: Callable[[Tensor], Tensor], native: Callable[..., tuple]) -> tuple[Tensor, ...]:
-    """A normalisation's output (B, ...) and, for the first n rows, the input, mean and 1 / std of its tangent.
-
-    ``plain(a)`` is the functional op, ``native(a, affine)`` the kernel behind it, which also
-    returns mean and 1 / std. The primal goes through ``native`` with the affine parameters (the
-    same kernel as ``plain``, statistics for free); under autocast, whose dtype policy the kernel
-    call would bypass, through ``plain``, and the n rows' statistics come from ``native`` again.
-    """
-    n = x.rows
-    if torch.is_autocast_enabled(x.device.type):
-        out = plain(x.primal)
-        with torch.no_grad():
-            head = x.head().to(out.dtype)
-            _, mean, rstd = native(head, False)
-        return out, head, mean, rstd
-    out, mean, rstd = native(x.primal, True)
-    return out, x.head(), mean[:n].detach(), rstd[:n].detach()
+    return Dual(F.conv2d(x.primal, weight, bias, **options), rules.without_bias(F.conv2d, x.tangent, weight, **options))
 
 
 def layer_norm(
@@ -297,96 +267,49 @@ def layer_norm(
     """F.layer_norm over the trailing ``shape``; tangent via the (symmetric) normalisation Jacobian."""
     if not isinstance(x, Dual):
         return F.layer_norm(x, shape, weight, bias, eps)
-    shape = list(shape)
-    out, head, mean, rstd = _normalise(
-        x,
-        lambda a: F.layer_norm(a, shape, weight, bias, eps),
-        lambda a, affine: torch.native_layer_norm(a, shape, *((weight, bias) if affine else (None, None)), eps),
-    )
-    with torch.no_grad():
-        tangent = torch.ops.aten.native_layer_norm_backward(
-            x.tangent.to(out.dtype), head, shape, mean, rstd, None, None, [True, False, False]
-        )[0]
-        tangent = tangent if weight is None else tangent.mul_(weight)
-    return Dual(out, tangent)
+    return Dual(*rules.layer_norm(_call, _head(x.rows), x.primal, x.tangent, list(shape), weight, bias, eps))
 
 
 def group_norm(x: Tensor | Dual, groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor | Dual:
     """F.group_norm of (B, C, ...) input; tangent via the (symmetric) normalisation Jacobian."""
     if not isinstance(x, Dual):
         return F.group_norm(x, groups, weight, bias, eps)
-    x = x.contiguous()
-    channels, spatial = x.shape[1], x.primal[0, 0].numel()
-    out, head, mean, rstd = _normalise(
-        x,
-        lambda a: F.group_norm(a, groups, weight, bias, eps),
-        lambda a, affine: torch.native_group_norm(
-            a, *((weight, bias) if affine else (None, None)), a.shape[0], channels, spatial, groups, eps
-        ),
-    )
-    n = x.rows
-    with torch.no_grad():
-        tangent = torch.ops.aten.native_group_norm_backward(
-            x.tangent.to(out.dtype), head, mean, rstd, None, n, channels, spatial, groups, [True, False, False]
-        )[0]
-        if weight is not None:
-            tangent.mul_(weight.reshape(channels, *([1] * (x.ndim - 2))))
-    return Dual(out, tangent)
+    return Dual(*rules.group_norm(_call, _head(x.rows), x.primal, x.tangent, groups, weight, bias, eps))
 
 
 def gelu(x: Tensor | Dual, approximate: str = "none") -> Tensor | Dual:
     """F.gelu; tangent gelu'(x) dx."""
     if not isinstance(x, Dual):
         return F.gelu(x, approximate=approximate)
-    with torch.no_grad():
-        tangent = torch.ops.aten.gelu_backward(x.tangent, x.head(), approximate=approximate)
-    return Dual(F.gelu(x.primal, approximate=approximate), tangent)
+    return Dual(F.gelu(x.primal, approximate=approximate), rules.activation("gelu", x.tangent, x.head(), approximate=approximate))
 
 
 def silu(x: Tensor | Dual) -> Tensor | Dual:
     """F.silu; tangent silu'(x) dx."""
     if not isinstance(x, Dual):
         return F.silu(x)
-    with torch.no_grad():
-        tangent = torch.ops.aten.silu_backward(x.tangent, x.head())
-    return Dual(F.silu(x.primal), tangent)
+    return Dual(F.silu(x.primal), rules.activation("silu", x.tangent, x.head()))
 
 
 def dropout(x: Tensor | Dual, p: float, training: bool) -> Tensor | Dual:
-    """F.dropout; a Dual's tangent rows get the same mask as their primal rows.
-
-    The mask is F.dropout of ones, so a mode that replaces dropout masks (per-sample masks in
-    training, :mod:`meanflow.autodiff.per_sample`) replaces this one too.
-    """
+    """F.dropout; a Dual's tangent rows get the same mask as their primal rows (:func:`rules.dropout`)."""
     if not isinstance(x, Dual):
         return F.dropout(x, p, training)
     if not training or p == 0.0:
         return x
-    with torch.no_grad():
-        keep = F.dropout(torch.ones_like(x.primal), p, True)  # mask / (1 - p)
-    return Dual(x.primal * keep, x.tangent * keep[: x.rows])
+    return Dual(*rules.dropout(_call, _head(x.rows), lambda ones: F.dropout(ones, p, True), x.primal, x.tangent))
 
 
 def rms_norm(x: Tensor | Dual, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor | Dual:
     """x / sqrt(mean(x^2) + eps) over the last dimension, times ``weight``; the plain formula of the
-    iMF code (forward-mode AD goes through it too).
-
-    Tangent: with s = 1 / sqrt(mean(x^2) + eps) and x_hat = s x, d(s x) = s (dx - x_hat mean(x_hat dx)),
-    then the weight. The Jacobian before the weight is symmetric, like LayerNorm's.
-    """
+    iMF code (forward-mode AD goes through it too). Tangent: :func:`rules.rms_norm`."""
     def plain(a: Tensor) -> Tensor:
         out = a * torch.rsqrt(a.square().mean(-1, keepdim=True) + eps)
         return out if weight is None else out * weight
 
     if not isinstance(x, Dual):
         return plain(x)
-    with torch.no_grad():
-        head = x.head()  # (n, ..., D)
-        scale = torch.rsqrt(head.square().mean(-1, keepdim=True) + eps)  # (n, ..., 1)
-        x_hat = head * scale
-        tangent = (x.tangent - x_hat * (x_hat * x.tangent).mean(-1, keepdim=True)).mul_(scale)
-        tangent = tangent if weight is None else tangent.mul_(weight)
-    return Dual(plain(x.primal), tangent)
+    return Dual(plain(x.primal), rules.rms_norm(x.head(), x.tangent, (-1,), eps, weight))
 
 
 def rotary(x: Tensor | Dual, cos: Tensor, sin: Tensor) -> Tensor | Dual:

@@ -16,13 +16,12 @@ several model calls (the forward-AD path). Each model call made through the JVP 
 default generator from the same per-step seed (:func:`model_rows`), so the l-th dropout of every
 forward in a step gets the same key.
 
-Because the key comes from the default generator, code that replays a draw inside the forward
-by saving and restoring the generator state (a row-tangent rule that re-runs dropout on ones)
-gets the same mask again; inside :func:`replaying` the key of the last draw is reused without
-the generator (what a traced row pass needs, as a trace does not record generator resets). A
-traced row pass also takes its keys as an input (``keys``), drawn just before the call by
-:func:`draw_keys` in the order the eager pass would draw them, so its masks equal the eager
-pass's. Activation checkpointing recomputes its blocks in the backward pass, outside this mode,
+Because the key comes from the default generator, code that replays a draw by saving and
+restoring the generator state gets the same mask again. The tangent engines draw each dropout's
+mask once, on ones, for primal and tangent (:func:`meanflow.autodiff.rules.dropout`). A traced
+row pass takes its keys as an input (``keys``), drawn just before the call by :func:`draw_keys`
+in the order the eager pass would draw them, so its masks equal the eager pass's.
+Activation checkpointing recomputes its blocks in the backward pass, outside this mode,
 where a dropout would draw an ordinary mask and the gradients would be wrong: a dropout inside
 ``torch.utils.checkpoint`` is therefore an error in the forward pass.
 Randomness drawn in the model by other means (``torch.rand`` on the default generator,
@@ -64,7 +63,6 @@ class PerSampleDropout(TorchFunctionMode):
         self.seed = seed
         self.base, self.total = rows.long(), int(total)
         self.current = self.base
-        self.replay, self.last_key = False, None  # see replaying()
         self.keys: Iterator[Tensor] | None = None  # keys given in advance (a traced row pass), else drawn
         self.drawn = 0  # keys drawn or taken so far
 
@@ -96,12 +94,8 @@ class PerSampleDropout(TorchFunctionMode):
                 "without activation checkpointing."
             )
         tail = x.shape[1:] if func in _ELEMENTWISE else (*x.shape[1:2], *([1] * (x.ndim - 2)))
-        if self.replay and self.last_key is not None:
-            key = self.last_key
-        else:
-            key = next(self.keys) if self.keys is not None else _key(x.device)
-            self.drawn += 1
-        self.last_key = key
+        key = next(self.keys) if self.keys is not None else _key(x.device)
+        self.drawn += 1
         keep = uniform(key, self.row_ids(x.shape[0]).to(x.device), tuple(tail)) >= p  # (B', *tail)
         scale = keep.to(x.dtype) / (1.0 - p) if p < 1.0 else keep.to(x.dtype)
         return x.mul_(scale) if inplace else x * scale
@@ -151,24 +145,6 @@ def draw_keys(count: int, device: torch.device) -> Tensor:
 def active() -> PerSampleDropout | None:
     """The innermost active :class:`PerSampleDropout`, or None."""
     return _ACTIVE[-1] if _ACTIVE else None
-
-
-@contextlib.contextmanager
-def replaying() -> Iterator[None]:
-    """Inside: dropout draws reuse the key of the last one instead of drawing a new key.
-
-    For code that applies the mask of a dropout call again, to another tensor (the row tangent's
-    dropout rule, on ones): without a generator reset, which a trace (make_fx) does not record.
-    """
-    mode = active()
-    if mode is None:
-        yield
-        return
-    previous, mode.replay = mode.replay, True
-    try:
-        yield
-    finally:
-        mode.replay = previous
 
 
 def inside_checkpoint() -> bool:
@@ -234,4 +210,4 @@ def dropout_args(args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]:
     return values["input"], float(values.get("p", 0.5)), bool(values.get("training", True)), bool(values.get("inplace", False))
 
 
-__all__ = ["PerSampleDropout", "active", "draw_keys", "dropout_args", "inside_checkpoint", "model_rows", "replaying", "uniform"]
+__all__ = ["PerSampleDropout", "active", "draw_keys", "dropout_args", "inside_checkpoint", "model_rows", "uniform"]

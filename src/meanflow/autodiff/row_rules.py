@@ -1,38 +1,32 @@
 """Hand-written row-tangent rules for the ops that carry a network's cost.
 
 Each rule runs the primal call unchanged (``call.run()``) and records, with gradients off,
-the tangent of the output's tracked rows (``ctx.set``). With x the tracked rows of an input and
-dx their tangent:
+the tangent of the output's tracked rows (``ctx.set``). The tangents of the ops that both engines
+meet (linear, conv, norms, activations, softmax, attention, products, dropout) come from
+:mod:`meanflow.autodiff.rules`; what is here finds the rows of each operand (the batch dimension
+moves under views, and untracked operands are cut to the tracked rows where they have the batch)
+and follows the ops only the row tangent meets:
 
-    linear, conv, pooling, interpolation    op(dx) without bias
+    pooling, interpolation, padding         op(dx)
     matmul / bmm / einsum                   op(da, b) + op(a, db)
-    layer / group norm                      the normalisation's backward kernel on dx (its Jacobian is
-                                            symmetric), then the affine scale; statistics from the primal
-    RMS norm                                rstd (dx - x_hat mean(x_hat dx)) w
-    softmax, GELU, SiLU, ReLU, tanh, sigmoid  the backward kernel on dx (symmetric Jacobians)
-    scaled_dot_product_attention            p = softmax(s) of the rows, ds = (dq k^T + q dk^T) scale,
-                                            dp = p (ds - rowsum(p ds)), dp v + p dv
-    + - * /, addcmul                        sum and product rules
+    + - /, fills, copies                    sum and quotient rules; zero for a fill
     views, casts, cat, indexing             the same op on dx, the batch dimension followed
 
-Dropout draws its mask once: the primal call draws it, and the same draw is replayed (generator
-state restored) on a tensor of ones to scale the tangent. Every other op takes the generic rule of
-:mod:`meanflow.autodiff.row_mode`.
+Every other op takes the generic rule of :mod:`meanflow.autodiff.row_mode`.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .per_sample import replaying
+from . import rules
 from .row_mode import Call, Rule, RowTangents, Track, aligned_rows, dims_argument, generic, rule
-
-aten = torch.ops.aten
+from .rules import accumulate
 
 
 def arg(call: Call, index: int, name: str, default: Any = None) -> Any:
@@ -42,17 +36,17 @@ def arg(call: Call, index: int, name: str, default: Any = None) -> Any:
     return call.tkwargs.get(name, default)
 
 
-def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x in ``dtype`` (x itself when it has it: no call into torch)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def rows_shape(ctx: RowTangents, x: Tensor, dim: int | None) -> list[int]:
     """x's shape with the batch dimension cut to the tracked rows."""
     shape = list(x.shape)
     if not ctx.full and dim is not None:
         shape[dim] = shape[dim] // ctx.batch * ctx.rows
     return shape
+
+
+def site(ctx: RowTangents, call: Call, dim: int | None) -> tuple[rules.Run, rules.Rows]:
+    """How a shared rule (:mod:`meanflow.autodiff.rules`) runs this call's primal and cuts a tensor to the tracked rows."""
+    return call.run, lambda x: ctx.head(x) if ctx.track(x) is not None else rows_of(ctx, x, dim)
 
 
 def rows_of(ctx: RowTangents, x: Tensor, dim: int | None) -> Tensor:
@@ -96,18 +90,6 @@ def probe_dim(call: Call, x: Tensor, dim: int | None) -> int | None:
     real = real if isinstance(real, (list, tuple)) else [real]
     diff = [i for i, (a, b) in enumerate(zip(outs[0].shape, real[0].shape)) if a != b]
     return diff[0] if len(diff) == 1 else None
-
-
-def covers(total: Tensor, *terms: Tensor) -> bool:
-    """Whether every term broadcasts to total's shape (so total can take them in place)."""
-    return all(t.ndim <= total.ndim and all(b in (1, a) for a, b in zip(total.shape[::-1], t.shape[::-1])) for t in terms)
-
-
-def accumulate(total: Tensor | None, term: Tensor) -> Tensor:
-    """total + term, in place when total is a fresh tensor of the sum's shape (None: term)."""
-    if total is None:
-        return term
-    return total.add_(term) if covers(total, term) else total + term
 
 
 def on_tracked_input(fn: Callable[..., Any]) -> Rule:
@@ -352,10 +334,9 @@ def mul(ctx: RowTangents, call: Call) -> Any:
     a, b = call.targs[0], arg(call, 1, "other")
     out = call.run()
     dim = output_dim(ctx, out, [a, b])
-    pairs = [(t.tangent, operand(ctx, y, out, dim)) for x, y in ((a, b), (b, a)) if (t := ctx.track(x))]
-    tangent = pairs[0][0] * pairs[0][1]
-    if len(pairs) == 2:
-        tangent = tangent.addcmul_(*pairs[1]) if covers(tangent, *pairs[1]) else tangent + pairs[1][0] * pairs[1][1]
+    tangents = [t.tangent if (t := ctx.track(x)) is not None else None for x in (a, b)]
+    values = [operand(ctx, x, out, dim) if t is not None else None for x, t in zip((b, a), tangents)]
+    tangent = rules.product(tangents[0], values[0], values[1], tangents[1])
     ctx.set(out, fit(ctx, tangent, out, dim), dim)
     return out
 
@@ -387,35 +368,22 @@ def addcmul(ctx: RowTangents, call: Call) -> Any:
     value = call.tkwargs.get("value", 1)
     out = call.run()
     dim = output_dim(ctx, out, [c, a, b])
-    tangent = ctx.track(c).tangent if ctx.track(c) is not None else None
-    for x, y in ((a, b), (b, a)):
-        if (t := ctx.track(x)) is not None:
-            y = operand(ctx, y, out, dim)
-            tangent = t.tangent * y * value if tangent is None else torch.addcmul(tangent, t.tangent, y, value=value)
+    dc, da, db = (t.tangent if (t := ctx.track(x)) is not None else None for x in (c, a, b))
+    tangent = rules.addcmul(dc, da, operand(ctx, b, out, dim) if da is not None else None,
+                            operand(ctx, a, out, dim) if db is not None else None, db, value)
     ctx.set(out, fit(ctx, tangent, out, dim), dim)
     return out
 
 
-# Elementwise functions: backward kernels (their Jacobians are diagonal or symmetric) -----------------
-_ACTIVATIONS = {
-    "sin": lambda ctx, call, dx, x, y: dx * x.cos(),
-    "cos": lambda ctx, call, dx, x, y: -dx * x.sin(),
-    "exp": lambda ctx, call, dx, x, y: dx * y,
-    "gelu": lambda ctx, call, dx, x, y: aten.gelu_backward(dx, x, approximate=arg(call, 1, "approximate", "none")),
-    "silu": lambda ctx, call, dx, x, y: aten.silu_backward(dx, x),
-    "relu": lambda ctx, call, dx, x, y: aten.threshold_backward(dx, x, 0),
-    "sigmoid": lambda ctx, call, dx, x, y: aten.sigmoid_backward(dx, y),
-    "tanh": lambda ctx, call, dx, x, y: aten.tanh_backward(dx, y),
-}
-
-
-@rule(*_ACTIVATIONS)
+# Elementwise functions ------------------------------------------------------------------------------
+@rule(*rules.ACTIVATIONS)
 @on_tracked_input
 def activation(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
+    """sin, cos, exp, GELU, SiLU, ReLU, sigmoid, tanh: f'(x) dx."""
     head = ctx.head(x)
     out = call.run()
-    dx = cast(track.tangent, head.dtype)
-    tangent = _ACTIVATIONS[call.name](ctx, call, dx, head, rows_of(ctx, out, track.dim))
+    approximate = arg(call, 1, "approximate", "none") if call.name == "gelu" else "none"
+    tangent = rules.activation(call.name, track.tangent, head, rows_of(ctx, out, track.dim), approximate)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -429,8 +397,7 @@ def softmax(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
         return generic(ctx, call)
     ctx.check_dims((dim,), track, x.ndim)
     out = call.run()
-    p = rows_of(ctx, out, track.dim)
-    tangent = torch._softmax_backward_data(cast(track.tangent, p.dtype), p, dim % x.ndim, p.dtype)
+    tangent = rules.softmax(track.tangent, rows_of(ctx, out, track.dim), dim)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -443,7 +410,7 @@ def linear(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     if track.dim is not None and track.dim == x.ndim - 1:
         raise ctx.mixing("contracts the batch dimension (it is the last one)")
     out = call.run()
-    ctx.set(out, F.linear(track.tangent, arg(call, 1, "weight")), track.dim)
+    ctx.set(out, rules.without_bias(F.linear, track.tangent, arg(call, 1, "weight")), track.dim)
     return out
 
 
@@ -454,7 +421,7 @@ def conv(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     ctx.check_batch_first(track)
     out = call.run()
     kwargs = {k: v for k, v in call.tkwargs.items() if k != "bias"}
-    tangent = call.tfunc(track.tangent, arg(call, 1, "weight"), None, *call.targs[3:], **kwargs)
+    tangent = rules.without_bias(call.tfunc, track.tangent, arg(call, 1, "weight"), *call.targs[3:], **kwargs)
     ctx.set(out, tangent, 0)
     return out
 
@@ -558,16 +525,7 @@ def layer_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     shape, weight, bias, eps = list(arg(call, 1, "normalized_shape")), arg(call, 2, "weight"), arg(call, 3, "bias"), arg(call, 4, "eps", 1e-5)
     if track.dim is not None and track.dim >= x.ndim - len(shape):
         raise ctx.mixing(f"normalises over the batch dimension {track.dim}")
-    if torch.is_autocast_enabled(x.device.type):  # autocast's dtype policy applies to layer_norm, not to the kernel
-        out = call.run()
-        head = ctx.head(x).to(out.dtype)
-        _, mean, rstd = torch.native_layer_norm(head, shape, None, None, eps)
-    else:
-        out, mean, rstd = call.run(torch.native_layer_norm, x, shape, weight, bias, eps)
-        head, mean, rstd = ctx.head(x), rows_of(ctx, mean, track.dim), rows_of(ctx, rstd, track.dim)
-    tangent = aten.native_layer_norm_backward(
-        cast(track.tangent, head.dtype), head, shape, mean, rstd, None, None, [True, False, False])[0]
-    tangent = tangent if weight is None else tangent.mul_(weight)
+    out, tangent = rules.layer_norm(*site(ctx, call, track.dim), x, track.tangent, shape, weight, bias, eps)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -578,19 +536,7 @@ def group_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     """F.group_norm of (B, C, ...) input (batch in dimension 0)."""
     groups, weight, bias, eps = arg(call, 1, "num_groups"), arg(call, 2, "weight"), arg(call, 3, "bias"), arg(call, 4, "eps", 1e-5)
     ctx.check_batch_first(track)
-    channels, spatial = x.shape[1], math.prod(x.shape[2:])
-    if torch.is_autocast_enabled(x.device.type) or not x.is_contiguous():
-        out = call.run()
-        head = ctx.head(x).to(out.dtype).contiguous()
-        _, mean, rstd = torch.native_group_norm(head, None, None, head.shape[0], channels, spatial, groups, eps)
-    else:
-        out, mean, rstd = call.run(torch.native_group_norm, x, weight, bias, x.shape[0], channels, spatial, groups, eps)
-        head, mean, rstd = ctx.head(x), rows_of(ctx, mean, 0), rows_of(ctx, rstd, 0)
-    tangent = aten.native_group_norm_backward(
-        track.tangent.to(head.dtype).contiguous(), head, mean, rstd, None, head.shape[0], channels, spatial, groups,
-        [True, False, False])[0]
-    if weight is not None:
-        tangent.mul_(weight.reshape(channels, *([1] * (x.ndim - 2))))
+    out, tangent = rules.group_norm(*site(ctx, call, 0), x, track.tangent, groups, weight, bias, eps)
     ctx.set(out, tangent, 0)
     return out
 
@@ -604,12 +550,8 @@ def rms_norm(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
     if track.dim is not None and track.dim in axes:
         raise ctx.mixing(f"normalises over the batch dimension {track.dim}")
     out = call.run()
-    head, dx = ctx.head(x).to(out.dtype), track.tangent.to(out.dtype)
-    eps = torch.finfo(head.dtype).eps if eps is None else eps
-    rstd = torch.rsqrt(head.square().mean(axes, keepdim=True) + eps)
-    x_hat = head * rstd
-    tangent = (dx - x_hat * (x_hat * dx).mean(axes, keepdim=True)).mul_(rstd)
-    tangent = tangent if weight is None else tangent.mul_(weight)
+    head = ctx.head(x).to(out.dtype)
+    tangent = rules.rms_norm(head, track.tangent, axes, torch.finfo(head.dtype).eps if eps is None else eps, weight)
     ctx.set(out, tangent, track.dim)
     return out
 
@@ -656,76 +598,8 @@ def scaled_dot_product_attention(ctx: RowTangents, call: Call) -> Any:
     rows = [ctx.head(x) if ctx.track(x) is not None else aligned_rows(ctx, x, out.ndim, dim, size) for x in (q, k, v)]
     tangents = [t.tangent if (t := ctx.track(x)) is not None else None for x in (q, k, v)]
     mask = aligned_rows(ctx, mask, out.ndim, dim, size)
-    by_head = dim in (0, None) and out.device.type == "cpu" and not all(map(heads_merge, (*rows, *tangents)))
-    tangent = (attention_tangent_by_head if by_head else attention_tangent)(*rows, *tangents, mask, causal, scale, gqa)
+    tangent = rules.attention(*rows, *tangents, mask, causal, scale, gqa)
     ctx.set(out, tangent, dim)
-    return out
-
-
-def heads_merge(x: Tensor | None) -> bool:
-    """Whether a (batch, heads, tokens, features) operand (or None) views as (batch heads, tokens, features) without a copy."""
-    return x is None or x.ndim != 4 or x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
-
-
-def attention_tangent_by_head(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None,
-                              dv: Tensor | None, mask: Tensor | None, causal: bool, scale: float | None,
-                              gqa: bool) -> Tensor:
-    """:func:`attention_tangent` one head at a time, for operands whose heads do not merge with the batch.
-
-    q: (n, heads, L, E), k: (n, kv heads, S, E), v: (n, kv heads, S, Ev), laid out as a timm-style
-    ``qkv.reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)`` leaves them: each head is a strided
-    (n, tokens, features) matrix batch that ``bmm`` reads in place, where the batched form would
-    copy all six operands. Returns (n, heads, L, Ev), token-major in memory (a transpose of
-    (n, L, heads, Ev)), so the usual ``transpose(1, 2).reshape(n, L, heads Ev)`` is a view.
-    """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return attention_tangent(q, k, v, dq, dk, dv, mask, causal, scale, gqa)
-    count, group = q.shape[1], q.shape[1] // k.shape[1] if gqa else 1
-    qs, dqs = heads(q, count), heads(dq, count)
-    ks, vs, dks, dvs = (heads(x, count // group) for x in (k, v, dk, dv))
-    masks = [mask] * count if mask is None or mask.ndim < 3 else heads(mask, count, dim=-3)
-    out = None
-    for h in range(count):
-        kv = h // group
-        head = attention_tangent(qs[h], ks[kv], vs[kv], dqs[h], dks[kv], dvs[kv], masks[h], causal, scale, False)
-        if out is None:
-            out = head.new_empty(head.shape[0], head.shape[1], count, head.shape[2])
-        out[:, :, h] = head
-    return out.transpose(1, 2)
-
-
-def heads(x: Tensor | None, count: int, dim: int = 1) -> Sequence[Tensor | None]:
-    """The heads (dimension ``dim``, size ``count`` or 1 to broadcast) of x as views, in one unbind; None gives Nones."""
-    if x is None:
-        return [None] * count
-    return x.unbind(dim) if x.shape[dim] == count else [x.select(dim, 0)] * count
-
-
-def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
-                      mask: Tensor | None, causal: bool, scale: float | None, gqa: bool) -> Tensor:
-    """Tangent of softmax(q k^T scale + mask) v along (dq, dk, dv) (None: zero). q: (..., L, E), k: (..., S, E), v: (..., S, Ev)."""
-    if gqa and k.shape[-3] != q.shape[-3]:
-        repeat = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(repeat, -3), v.repeat_interleave(repeat, -3)
-        dk = None if dk is None else dk.repeat_interleave(repeat, -3)
-        dv = None if dv is None else dv.repeat_interleave(repeat, -3)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k_t = k.transpose(-2, -1)
-    scores = (q @ k_t).mul_(scale)  # (..., L, S)
-    if causal:
-        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    p = torch.softmax(scores, dim=-1)
-    ds = None if dq is None else dq @ k_t
-    if dk is not None:
-        ds = accumulate(ds, q @ dk.transpose(-2, -1))
-    out = None
-    if ds is not None:
-        dp = torch._softmax_backward_data(cast(ds.mul_(scale), p.dtype), p, -1, p.dtype)
-        out = cast(dp, v.dtype) @ v
-    if dv is not None:
-        out = accumulate(out, cast(p, dv.dtype) @ dv)
     return out
 
 
@@ -733,21 +607,17 @@ def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Te
 @rule("dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "dropout_", "feature_dropout_")
 @on_tracked_input
 def dropout(ctx: RowTangents, call: Call, x: Tensor, track: Track) -> Any:
-    """Dropout: the primal draws its mask as usual; the draw is replayed on ones to scale the tangent alike."""
+    """Dropout: the call drawn once, on ones, gives the mask that scales the primal and the tangent (:func:`rules.dropout`)."""
     p, training = arg(call, 1, "p", 0.5), arg(call, 2, "training", arg(call, 2, "train", True))
     if not training or p == 0.0:
         out = call.run()
         if out is not x:
             ctx.set(out, track.tangent, track.dim)
         return out
-    before = rng_state(x.device)
-    out = call.run()
-    after = rng_state(x.device)
-    set_rng_state(x.device, before)
-    with replaying():  # per-sample masks: the same key without the generator (also inside a trace)
-        scale = call.func(torch.ones_like(x), *call.args[1:], **call.kwargs)  # the same draw: mask / (1 - p)
-    set_rng_state(x.device, after)
-    ctx.set(out, track.tangent * rows_of(ctx, scale, track.dim), track.dim)
+    drop = lambda ones: call.func(ones, *call.targs[1:], **call.tkwargs)  # noqa: E731  (the call, out of place)
+    inplace = call.name.endswith("_") or call.args is not call.targs or call.kwargs is not call.tkwargs
+    out, tangent = rules.dropout(*site(ctx, call, track.dim), drop, x, track.tangent, inplace)
+    ctx.set(out, tangent, track.dim)
     return out
 
 
@@ -758,18 +628,3 @@ def unsupported_random(ctx: RowTangents, call: Call) -> Any:
         "cannot replay its draw. Use nn.Dropout, or the 'forward_ad' / 'full' JVP modes."
     )
 
-
-def rng_state(device: torch.device) -> Tensor:
-    """The default generator's state on a CPU or CUDA device."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    if device.type == "cpu":
-        return torch.get_rng_state()
-    raise NotImplementedError(f"dropout under the row tangent supports CPU and CUDA tensors, not {device.type}")
-
-
-def set_rng_state(device: torch.device, state: Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)

@@ -18,9 +18,9 @@ dropout is on.
 Dropout under ``meanflow train``'s per-sample masks (:mod:`meanflow.autodiff.per_sample`) is
 traced: a mask is a hash of a key and of the rows' global indices, both inputs of the graph; the
 keys are drawn from the default generator just before each call, in the order the eager pass
-draws them, and the tangent's replay reuses its key, so the compiled pass applies the eager pass's
-masks. Any other random draw is not traced (the eager row pass ties the tangent's mask to the
-primal's by a generator reset, which a trace does not record), nor is activation checkpointing (a
+draws them, and primal and tangent share each mask (drawn once, on ones), so the compiled pass
+applies the eager pass's masks. Any other random draw is not traced (the compiled graph would
+draw other numbers than the eager pass), nor is activation checkpointing (a
 trace would flatten it and keep every activation): such models, and models whose trace fails,
 run the eager row pass with a warning that says why. A model that mixes rows raises
 :class:`~meanflow.autodiff.rows.RowMixingError`, as it does eagerly.
@@ -53,8 +53,8 @@ _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | str]]" = w
 class _TraceHazards(TorchFunctionMode):
     """Records the first call a trace would get wrong, as the reason to run eagerly.
 
-    A random draw (see :func:`_draws`): the generator resets that tie the tangent's mask to the
-    primal's are not recorded. A call inside activation checkpointing: traced flat, the
+    A random draw (see :func:`_draws`): the compiled graph would draw other numbers than the eager
+    pass. A call inside activation checkpointing: traced flat, the
     recomputation that saves memory is gone.
     """
 
@@ -68,7 +68,7 @@ class _TraceHazards(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if _draws(name, args, kwargs):
                 self.reason = (f"its forward pass draws random numbers ({name}) outside meanflow train's per-sample "
-                               "dropout, where a trace would not tie the tangent's draw to the primal's")
+                               "dropout, which a compiled graph would draw from its own random numbers")
             elif inside_checkpoint():
                 self.reason = "it uses activation checkpointing (torch.utils.checkpoint), which a trace would drop"
         return func(*args, **kwargs)
@@ -79,7 +79,7 @@ def _draws(name: str, args: tuple, kwargs: dict) -> bool:
 
     Dropout under a :class:`~meanflow.autodiff.per_sample.PerSampleDropout` (``meanflow train``) does
     not: its mask is a hash of a key and of the rows' global indices, both inputs of the traced
-    graph (:func:`_trace`), and the tangent's replay reuses the key.
+    graph (:func:`_trace`).
     """
     if name in _DROPOUTS:
         _, p, training, _ = per_sample.dropout_args(args, kwargs)
@@ -108,14 +108,14 @@ def _row_pass(model: nn.Module, layout: tuple[bool, ...], keys: tuple[str, ...],
         if dropout is None:
             return row_jvp(run, (z, r, t), (dz, dr, dt))
         mode = per_sample.active()
-        saved = mode.current, mode.keys, mode.last_key
+        saved = mode.current, mode.keys
         mode.current = next(it)
         if dropout == "keys":
             mode.keys = iter(next(it).unbind(0))
         try:
             return row_jvp(run, (z, r, t), (dz, dr, dt))
         finally:
-            mode.current, mode.keys, mode.last_key = saved
+            mode.current, mode.keys = saved
 
     return fn
 

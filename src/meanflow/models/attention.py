@@ -17,7 +17,8 @@ kernels have no forward-mode derivative; three backends do:
 
 With :class:`meanflow.autodiff.dual.Dual` inputs (our models' MeanFlow training path) the primal
 goes through the chosen backend, so flash attention and its backward serve the whole batch,
-and the tangent of the r != t rows is computed beside it by :func:`attention_tangent`.
+and the tangent of the r != t rows is computed beside it by :func:`meanflow.autodiff.rules.attention`
+(the rule the row tangent uses for ``F.scaled_dot_product_attention``).
 
 ``"auto"`` (the default) picks ``jvp_flash`` when the package imports and the inputs suit the
 kernel, ``sdpa`` for other CUDA inputs and ``math`` on the CPU. Override it per call with the
@@ -34,6 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from ..autodiff import rules
 from ..autodiff.dual import Dual
 
 BACKENDS = ("auto", "math", "sdpa", "jvp_flash")
@@ -146,36 +148,6 @@ def jvp_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 _KERNELS = {"math": math_attention, "sdpa": sdpa_attention, "jvp_flash": jvp_flash_attention}
 
 
-def attention_tangent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    probs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Tangent of softmax(q k^T / sqrt(d)) v along (dq, dk, dv), all (n, heads, N, d); no autograd.
-
-    With p = softmax(s), s = q k^T / sqrt(d): ds = (dq k^T + q dk^T) / sqrt(d),
-    dp = p * (ds - rowsum(p * ds)) (softmax's fused backward kernel: its Jacobian is symmetric),
-    and d(p v) = dp v + p dv. ``probs`` (n, heads, N, N) is p when already known. Sums of two
-    products accumulate in place (``baddbmm_``), and 1 / sqrt(d) is applied once at the end (dp is
-    linear in ds).
-    """
-    n, heads, tokens, d = q.shape
-    flat = lambda x: x.reshape(n * heads, *x.shape[2:])  # noqa: E731  (n heads, N, .)
-    with torch.no_grad():
-        p = torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) if probs is None else probs  # (n, heads, N, N)
-        k_t, dk_t = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)  # (n heads, d, N)
-        ds = torch.bmm(flat(dq), k_t)  # (n heads, N, N), unscaled; bf16 under autocast, which the in-place sum is not
-        ds.baddbmm_(flat(q).to(ds.dtype), dk_t.to(ds.dtype))
-        dp = torch._softmax_backward_data(ds.to(p.dtype), flat(p), -1, p.dtype).to(v.dtype)  # (n heads, N, N)
-        out = torch.bmm(dp, flat(v))  # (n heads, N, d)
-        out.baddbmm_(flat(p).to(out.dtype), flat(dv).to(out.dtype), alpha=d**0.5).mul_(d**-0.5)
-        return out.reshape(n, heads, tokens, d)
-
-
 def attention(
     q: torch.Tensor | Dual, k: torch.Tensor | Dual, v: torch.Tensor | Dual, backend: str | None = None
 ) -> torch.Tensor | Dual:
@@ -201,6 +173,6 @@ def attention(
             probs = probs[: q.rows].detach()
         else:
             out = _KERNELS[name](q.primal, k.primal, v.primal)
-        tangent = attention_tangent(q.head(), k.head(), v.head(), q.tangent, k.tangent, v.tangent, probs)
+        tangent = rules.attention(q.head(), k.head(), v.head(), q.tangent, k.tangent, v.tangent, probs=probs)
         return Dual(out, tangent.to(out.dtype))
     return _KERNELS[resolve_backend(q, k, v, backend)](q, k, v)
