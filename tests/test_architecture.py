@@ -3,11 +3,14 @@
 Bottom to top: config + options + autodiff + runtime; models, data, objectives, metrics; sampling;
 evaluation; training; cli. A module may import from its own floor or below, never above; the
 module import graph has no cycle; imports inside functions are only for optional heavy packages.
+A short list of same-floor imports is forbidden too: packages of one floor that must stay independent.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,41 +24,45 @@ FLOORS = (
     ("training",),
     ("cli", "__main__"),
 )
-# same-floor imports that would blur what a package owns: (importer, imported) top-level packages
-FORBIDDEN = (
-    ("autodiff", "runtime"),  # the JVP machinery, per-sample dropout included, needs no process or file plumbing
-)
 # third-party packages that are optional extras or slow to import: the only ones imported lazily
 DEFERRED_OK = ("PIL", "matplotlib", "torchvision", "sklearn", "scipy", "diffusers", "torch_fidelity",
-               "torch.utils.tensorboard", "jvp_flash_attention", "flax",
+               "torch.utils.tensorboard", "jvp_flash_attention", "flax", "jax", "orbax", "huggingface_hub", "lpips", "transformers",
                "torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")  # FSDP2: ~1 s
+# (importer package, imported package) pairs of one floor that must not meet: the JVP machinery (per-sample
+# dropout included) needs no process or file plumbing, models know no data source, metrics are pure
+# functions of samples, objectives take any model and any data
+FORBIDDEN = (("autodiff", "runtime"), ("models", "data"), ("metrics", "models"), ("objectives", "models"), ("objectives", "data"))
 
 
-def module_name(path: Path) -> str:
-    parts = ["meanflow", *path.relative_to(SRC).with_suffix("").parts]
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def find_modules(root: Path) -> dict[str, Path]:
+    """Dotted name -> file of every module of the package whose folder is ``root``."""
+    def name(path: Path) -> str:
+        parts = ["meanflow", *path.relative_to(root).with_suffix("").parts]
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    return {name(p): p for p in sorted(root.rglob("*.py"))}
 
 
-MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+MODULES = find_modules(SRC)
 
 
-def is_package(name: str) -> bool:
-    return MODULES[name].name == "__init__.py"
+def is_package(name: str, modules: dict[str, Path] = MODULES) -> bool:
+    return modules[name].name == "__init__.py"
 
 
-def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+def resolve(importer: str, node: ast.ImportFrom | ast.Import, modules: dict[str, Path] = MODULES) -> list[str]:
     """Absolute names of the meanflow modules an import statement loads (submodules where named)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name.split(".")[0] == "meanflow"]
     if node.level:
-        base = importer.split(".") if is_package(importer) else importer.split(".")[:-1]
+        base = importer.split(".") if is_package(importer, modules) else importer.split(".")[:-1]
         base = base[: len(base) - node.level + 1]
         target = ".".join(base + ([node.module] if node.module else []))
     else:
         target = node.module or ""
     if target.split(".")[0] != "meanflow":
         return []
-    subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+    subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
     return subs if subs and len(subs) == len(node.names) else [target, *subs]
 
 
@@ -67,19 +74,19 @@ def floor(name: str) -> int:
     raise AssertionError(f"module {name} belongs to no floor; add its package to FLOORS and docs/ARCHITECTURE.md")
 
 
-def imports(name: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+def imports(name: str, modules: dict[str, Path] = MODULES) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """(module-level meanflow imports, function-level imports of any package) as (line, module name)."""
-    tree = ast.parse(MODULES[name].read_text())
+    tree = ast.parse(modules[name].read_text())
     top, nested = [], []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         at_top = node in tree.body
         if at_top:
-            top += [(node.lineno, t) for t in resolve(name, node)]
+            top += [(node.lineno, t) for t in resolve(name, node, modules)]
         else:
             third_party = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            nested += [(node.lineno, t) for t in resolve(name, node) or third_party]
+            nested += [(node.lineno, t) for t in resolve(name, node, modules) or third_party]
     return top, nested
 
 
@@ -95,12 +102,31 @@ def test_no_import_from_a_higher_floor(name):
     assert "meanflow" not in [t for _, t in top], f"{name} imports the top-level facade `meanflow`; import the module itself"
 
 
-@pytest.mark.parametrize("name", LIBRARY)
-def test_no_forbidden_same_floor_import(name):
-    top, _ = imports(name)
-    package = lambda module: module.split(".")[1] if "." in module else module  # noqa: E731
-    bad = [f"line {line}: {target}" for line, target in top if (package(name), package(target)) in FORBIDDEN]
-    assert not bad, f"{name} imports what its package must not depend on (FORBIDDEN): {bad}"
+def forbidden_imports(modules: dict[str, Path]) -> list[str]:
+    """Every module-level import of ``modules`` that crosses a :data:`FORBIDDEN` pair, as 'importer line N: target'."""
+    found = []
+    for name in modules:
+        for line, target in imports(name, modules)[0]:
+            pair = tuple(n.split(".")[1] if "." in n else "" for n in (name, target))
+            if pair in FORBIDDEN:
+                found.append(f"{name} line {line}: {target}")
+    return found
+
+
+def test_no_forbidden_same_floor_import():
+    leaks = forbidden_imports(MODULES)
+    assert not leaks, f"same-floor imports between packages that must stay independent ({FORBIDDEN}): {leaks}"
+
+
+def test_a_planted_same_floor_import_is_caught(tmp_path):
+    """A copy of the package with ``models/mlp.py`` importing from ``data/`` fails the check, naming the line."""
+    root = tmp_path / "meanflow"
+    shutil.copytree(SRC, root, ignore=shutil.ignore_patterns("__pycache__"))
+    planted = root / "models" / "mlp.py"
+    lines = planted.read_text().splitlines()
+    at = next(i for i, text in enumerate(lines) if text.startswith("from ."))
+    planted.write_text("\n".join([*lines[:at], "from ..data.toy import sample_toy", *lines[at:]]) + "\n")
+    assert forbidden_imports(find_modules(root)) == [f"meanflow.models.mlp line {at + 1}: meanflow.data.toy"]
 
 
 @pytest.mark.parametrize("name", LIBRARY)
@@ -144,3 +170,13 @@ def test_every_package_says_what_its_floor_is_for():
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             assert doc.strip(), f"{path} has no docstring saying what the floor {name} is for"
             assert len(doc.strip().splitlines()) <= 2, f"{path}: say what the floor is for in two lines"
+
+
+def test_architecture_doc_lists_every_module():
+    """docs/ARCHITECTURE.md has one line for every module (packages and ``__main__`` speak for themselves)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", doc, flags=re.M))
+    modules = {str(path.relative_to(SRC)) for name, path in MODULES.items()
+               if not is_package(name) and path.name != "__main__.py"}
+    assert not modules - listed, f"modules missing from docs/ARCHITECTURE.md's list: {sorted(modules - listed)}"
+    assert not listed - modules, f"docs/ARCHITECTURE.md lists modules that do not exist: {sorted(listed - modules)}"

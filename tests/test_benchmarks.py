@@ -25,12 +25,14 @@ def run_script(*args: str) -> str:
     (["benchmarks/bench_step.py", "--device", "cpu", "--preset", "plain", "--models", "plain-dit", "--batch", "4",
       "--warmup", "0", "--repeats", "1", "--variants", "mf25"], ["mf25", "du/dt vs torch.func.jvp"]),
 ])
+@pytest.mark.heavy
 def test_benchmark_script_runs(args, expected):
     out = run_script(*args)
     for text in expected:
         assert text in out, out[-2000:]
 
 
+@pytest.mark.heavy
 def test_gpu_session_script_runs_each_step_under_its_limit(tmp_path):
     """Without CUDA every step fails fast, but the script runs them all and keeps each step's output."""
     if __import__("torch").cuda.is_available():

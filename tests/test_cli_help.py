@@ -45,9 +45,9 @@ def test_every_data_key_is_read_by_some_source():
     import dataclasses
 
     from meanflow.config import DataConfig
-    from meanflow.data import SOURCES
+    from meanflow.data import sources
 
-    read = {"name", "conditional"} | {key for source in SOURCES.values() for key in source.reads}
+    read = {"name", "conditional"} | {key for source in sources().values() for key in source.reads}
     assert {f.name for f in dataclasses.fields(DataConfig)} == read
 
 

@@ -51,6 +51,7 @@ def test_eval_reports_digits_metrics(digits_run, tmp_path, capsys):
     assert metrics["weights"] == "ema"
 
 
+@pytest.mark.heavy
 def test_eval_split_over_two_processes_matches_one(digits_run, tmp_path):
     import os
     import subprocess

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from meanflow.config import DataConfig
-from meanflow.data import DATASETS, TOY_DATASETS, load_dataset, load_points, sample_toy, save_points_plot
+from meanflow.data import TOY_DATASETS, load_dataset, load_points, sample_toy, save_points_plot, sources
 
 
 @pytest.mark.parametrize("name", TOY_DATASETS)
@@ -126,7 +126,7 @@ def test_load_dataset_errors():
         load_dataset(DataConfig(name="nope"), seed=0)
     with pytest.raises(ValueError, match="data.path"):
         load_dataset(DataConfig(name="points"), seed=0)
-    assert {"points", "digits", "folder", "npz", "cifar10", "mnist", *TOY_DATASETS} <= set(DATASETS)
+    assert {"points", "digits", "folder", "npz", "cifar10", "mnist", *TOY_DATASETS} <= set(sources())
 
 
 @pytest.mark.parametrize("dim", [2, 4])

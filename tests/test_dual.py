@@ -169,6 +169,7 @@ def test_models_under_bf16_autocast_keep_the_plain_primal(name):
     assert (out.tangent.float() - ref).abs().max() < 3e-2 * ref.abs().max()
 
 
+@pytest.mark.heavy
 def test_compiled_model_takes_the_dual_path():
     """torch.compile traces through Dual values: same loss and gradients as the eager model."""
     model = build("mlp").float()

@@ -233,6 +233,7 @@ def test_train_on_an_image_folder_without_statistics_ends_with_a_preview_and_a_n
     assert "no image metric applies" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_train_with_eval_fid_stats_scores_fid_as_meanflow_eval_does(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation_images, "InceptionFeatures", ProjectionFeatures)
     rng = np.random.default_rng(1)

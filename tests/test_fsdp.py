@@ -32,6 +32,7 @@ from user_models import UserMLP
 BATCH = 16
 MODES = ("dual", "rows")
 CASES = (("dual", "layers"), ("rows", "layers"), ("dual", "root"))  # (JVP mode, what is sharded besides the root)
+WEIGHTS = ("model.safetensors", "ema.safetensors", "ema_0.9.safetensors", "ema_std0.2.safetensors")  # ramped and power-function EMAs
 
 
 def _model(mode: str) -> nn.Module:
@@ -79,6 +80,7 @@ def sharded_runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("mode, layers", CASES)
 def test_one_fsdp2_step_on_two_processes_equals_one_process(sharded_runs, mode, layers):
     sharded = torch.load(sharded_runs / f"fsdp_{mode}_{layers}.pt")
@@ -96,7 +98,8 @@ def test_one_fsdp2_step_on_two_processes_equals_one_process(sharded_runs, mode, 
 def _overrides(tiny_toy_overrides: list[str], steps: int) -> list[str]:
     return [*tiny_toy_overrides, f"train.steps={steps}", "train.checkpoint_every=3", "train.batch_size=32", "train.log_every=3",
             "train.sample_every=3", "eval.baseline_ode_steps=2", "train.grad_clip=0.05", "train.ema_decays=[0.5, 0.9]",
-            "model.kwargs.dropout=0.0", "train.parallel=fsdp", "train.lr_decay=none"]  # a shorter run stands for a stop
+            "train.ema_rampup=0.5", "train.ema_stds=[0.2]", "model.kwargs.dropout=0.0", "train.parallel=fsdp",
+            "train.lr_decay=none"]  # a shorter run stands for a stop
 
 
 def _trainer_worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> None:
@@ -133,7 +136,7 @@ def _checkpoint(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     from meanflow.runtime import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint(run)
-    files = {name: load_file(str(path / name)) for name in ("model.safetensors", "ema.safetensors", "ema_0.9.safetensors")}
+    files = {name: load_file(str(path / name)) for name in WEIGHTS}
     return {**files, "optimizer": ckpt.read_state(path)["optimizer"]["state"]}
 
 
@@ -145,6 +148,7 @@ def fsdp_runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.heavy
 def test_fsdp_training_on_two_processes_equals_one_process(fsdp_runs, tmp_path, tiny_toy_overrides):
     from meanflow.config import load_config
     from meanflow.training.trainer import train
@@ -152,7 +156,7 @@ def test_fsdp_training_on_two_processes_equals_one_process(fsdp_runs, tmp_path, 
     assert (fsdp_runs / "sharded_rank0.txt").read_text() == "3"  # the mlp's 2 residual blocks and the root
     one = train(load_config("toy", _overrides(tiny_toy_overrides, 6)), tmp_path / "one")  # one process: nothing to shard
     mine, theirs = _checkpoint(one), _checkpoint(fsdp_runs / "full")
-    for name in ("model.safetensors", "ema.safetensors", "ema_0.9.safetensors"):
+    for name in WEIGHTS:
         assert mine[name].keys() == theirs[name].keys()
         diffs = torch.cat([(mine[name][k] - theirs[name][k]).abs().flatten() for k in mine[name]])
         assert float(diffs.max()) < 1e-3 and float((diffs > 1e-6).float().mean()) < 0.01, (name, float(diffs.max()))
@@ -164,9 +168,10 @@ def test_fsdp_training_on_two_processes_equals_one_process(fsdp_runs, tmp_path, 
     assert [r["grad_norm"] > 0.05 for r in logged if "grad_norm" in r] == [True, True]  # clipped: the sharded norm matters
 
 
+@pytest.mark.heavy
 def test_stopped_and_resumed_fsdp_training_equals_the_uninterrupted_run(fsdp_runs):
     full, resumed = _checkpoint(fsdp_runs / "full"), _checkpoint(fsdp_runs / "stopped")
-    for name in ("model.safetensors", "ema.safetensors", "ema_0.9.safetensors"):
+    for name in WEIGHTS:
         for key, value in full[name].items():
             assert torch.equal(value, resumed[name][key]), (name, key)
     for i, state in full["optimizer"].items():
@@ -174,6 +179,7 @@ def test_stopped_and_resumed_fsdp_training_equals_the_uninterrupted_run(fsdp_run
             assert torch.equal(value, resumed["optimizer"][i][key]), (i, key)
 
 
+@pytest.mark.heavy
 def test_fsdp_training_under_bf16_autocast_tracks_one_process(fsdp_runs, tmp_path, tiny_toy_overrides):
     """FSDP2 with bf16 autocast trains fp32 weights that stay within bf16 rounding of the one-process bf16 run:
     their median gap is below the one between that run and its fp32 twin (the rounding's own scale)."""

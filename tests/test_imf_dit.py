@@ -1,6 +1,8 @@
 """The iMF network (``imf-*``): its Dual tangent rules and du/dt against ``torch.func.jvp`` in float64."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -144,3 +146,63 @@ def test_bad_inputs_are_named():
         model(z[:, :1], r, t)
     with pytest.raises(ValueError, match="head_depth"):
         IMFDiT(in_channels=1, input_size=4, depth=2, hidden=16, heads=2, head_depth=3)
+
+
+def test_initialisation_is_the_official_one_parameter_by_parameter():
+    """The official imfDiT (models/imfDiT.py, embedder.py, torch_models.py of Lyy-iiis/imeanflow): residual gates,
+    both final layers (weights and biases) and every bias zero; RMSNorm scales one; learned tokens and the label
+    table N(0, 1 / sqrt(hidden)); embedder linears N(0, 1 / sqrt(fan_in)); block linears N(0, 0.32 / sqrt(fan_in));
+    the patch convolution Xavier-uniform over (p, p, C) -> hidden."""
+    torch.manual_seed(0)
+    model = create("imf-tiny/2", in_channels=1, input_size=8, num_classes=10)
+    hidden = model.class_tokens.shape[1]
+
+    def official(name: str, p: torch.Tensor) -> float | str:
+        if name.endswith(("attn_scale", "mlp_scale", ".bias")) or "final_layer.linear" in name:
+            return "zeros"
+        if name.endswith(("norm1.weight", "norm2.weight", "q_norm.weight", "k_norm.weight", "final_layer.norm.weight")):
+            return "ones"
+        if name.endswith("_tokens") or name == "y_embedder.weight":
+            return 1 / math.sqrt(hidden)
+        if "_embedder.mlp" in name:
+            return 1 / math.sqrt(p.shape[1])
+        if name == "x_embedder.proj.weight":
+            return math.sqrt(2 / (p[0].numel() + p.shape[0]))  # Xavier uniform: a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3)
+        assert "blocks" in name or "heads" in name, name
+        return 0.32 / math.sqrt(p.shape[1])
+
+    seen = set()
+    for name, p in model.named_parameters():
+        expected = official(name, p)
+        seen.add(expected if isinstance(expected, str) else "normal")
+        if expected == "zeros":
+            assert bool((p == 0).all()), name
+        elif expected == "ones":
+            assert bool((p == 1).all()), name
+        else:
+            std = float(p.detach().double().std())
+            assert abs(std / expected - 1) < 4 / math.sqrt(2 * p.numel()), (name, std, expected)
+            assert abs(float(p.detach().double().mean())) < 4 * expected / math.sqrt(p.numel()), name
+    assert seen == {"zeros", "ones", "normal"}
+    assert model.v_final_layer is not None and len(model.v_heads) == 2  # the v-head was checked too
+
+
+def test_the_float64_network_rotates_with_float64_tables():
+    """A float64 model's rotary tables are cos / sin of n theta^(-2i / d) to float64 rounding (built in float64,
+    not rounded to float32 first); a float32 model gets float32 tables."""
+    seen = []
+    model = create("imf-tiny/2", in_channels=1, input_size=8, num_classes=10)
+    model.shared_blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[1:]))
+    z, r, t = torch.randn(2, 1, 8, 8), torch.zeros(2), torch.ones(2)
+    model(z, r, t)
+    model.double()
+    model(z.double(), r.double(), t.double())
+    (cos32, sin32), (cos64, sin64) = seen
+    d = model.shared_blocks[0].attn.head_dim
+    angles = [[n * 10_000.0 ** (-2 * i / d) for i in range(d // 2)] for n in range(model.prefix_tokens + 16)]
+    exact_cos = torch.tensor([[math.cos(a) for a in row] for row in angles], **f64)
+    exact_sin = torch.tensor([[math.sin(a) for a in row] for row in angles], **f64)
+    assert cos64.dtype == sin64.dtype == torch.float64 and cos32.dtype == sin32.dtype == torch.float32
+    torch.testing.assert_close(cos64, exact_cos, rtol=0, atol=1e-14)
+    torch.testing.assert_close(sin64, exact_sin, rtol=0, atol=1e-14)
+    torch.testing.assert_close(cos32, exact_cos.float(), rtol=0, atol=0)

@@ -209,6 +209,18 @@ def test_only_r_not_t_rows_get_a_jvp(net):
     assert sum(n for n, _ in net.calls) == 2 * 16 + 8 + 8  # guidance (v_c and v_u), JVP rows, plain rows
 
 
+def test_an_odd_batch_has_the_official_count_of_r_not_t_rows():
+    """The official sample_tr sets r = t on int(B * 0.5) rows: B - int(B / 2) rows of an odd batch have r != t
+    (3 of 5, 4 of 7), and only those get a guidance interval other than (0, 1)."""
+    for total in (1, 3, 5, 7, 9):
+        draws = IMFLoss().draw(torch.zeros(total, 3, **f64), torch.Generator().manual_seed(total))
+        rows, expected = draws.jvp_index, total - int(total * 0.5)
+        assert rows.numel() == expected and bool((draws.r[rows] < draws.t[rows]).all()), total
+        plain = draws.fm_index
+        assert bool((draws.conditioning["t_min"][plain] == 0).all() and (draws.conditioning["t_max"][plain] == 1).all())
+        assert bool((draws.conditioning["t_max"][rows] < 1).all())
+
+
 def _imf_model():
     torch.manual_seed(0)
     model = create("imf-tiny/2", in_channels=2, input_size=4, num_classes=3).double()

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from meanflow.models import create
-from meanflow.models.imf_weights import load_official_imf, official_architecture, official_preset
+from meanflow.models.imf_weights import official_architecture, official_preset
+from meanflow.models.pretrained import load_official_imf
 
 PREFIX_GROUPS = (("class_tokens", 8), ("omega_tokens", 4), ("t_min_tokens", 2), ("t_max_tokens", 2), ("time_tokens", 4))
 EMBEDDERS = ("h_embedder", "omega_embedder", "cfg_t_start_embedder", "cfg_t_end_embedder")
@@ -211,3 +212,17 @@ def test_from_pretrained_reads_released_imf_files(tmp_path):
         ref = official_forward(state, x, t, h, cond["omega"], cond["t_min"], cond["t_max"], y, heads=2)
         ours = pretrained.from_pretrained(tmp_path / "iMF-test.pth", verbose=False, input_size=8)(x, t - h, t, y, **cond)
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_released_weights_are_recognised_by_content_whatever_their_name(tmp_path):
+    """The iMF file under a name without the .pth suffix is still read as released weights, by sample's and
+    eval's reader too (load_model gives the official meta: iMF latents, named normalisation)."""
+    from meanflow.models.loading import load_model
+    from meanflow.models.pretrained import detect
+
+    torch.save(official_state(seed=6), tmp_path / "weights.bin")
+    assert detect(tmp_path / "weights.bin") == "imf-official"
+    model, meta = load_model(tmp_path / "weights.bin")
+    direct = load_official_imf(tmp_path / "weights.bin")
+    assert meta["objective"] == "imf" and meta["data"]["info"]["latent_norm"] == "imf"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), direct.state_dict().values()))

@@ -47,6 +47,7 @@ def test_odd_sizes_grayscale_and_layouts(extractor):
     assert extractor(rgb)["pool"].shape == (2, 2048)
 
 
+@pytest.mark.heavy
 def test_matches_pytorch_fid_network(extractor, weights_file, monkeypatch):
     # Independent implementation of the same TF-ported architecture: pytorch-fid's InceptionV3, fed
     # our weights instead of its download. At 299x299 no resize happens in either.
@@ -135,6 +136,7 @@ def test_compute_image_metrics_with_stub_extractor():
     assert np.isfinite(metrics["inception_score_std"])
 
 
+@pytest.mark.heavy
 def test_fid_stats_cli_with_inception(extractor, weights_file, tmp_path):
     import argparse
 

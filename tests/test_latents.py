@@ -225,6 +225,7 @@ def test_clear_errors(setup, tmp_path):
         decode(torch.zeros(1, 4, 8, 8), {"source": "digits"})
 
 
+@pytest.mark.heavy
 def test_unreachable_hub_vae_says_how_to_pass_a_local_copy(setup, tmp_path):
     """Offline (HF_HUB_OFFLINE=1, so no network retries), a hub id fails with advice to use --vae PATH."""
     root, files, vae, cache = setup
@@ -300,7 +301,7 @@ def test_sample_cli_on_a_released_imf_checkpoint(setup, tmp_path):
     Released checkpoints take 4 x 32 x 32 latents; the tiny VAE decodes them to 64 x 64 images."""
     from meanflow.cli import sample as sample_cli
     from meanflow.data.latents import IMF_LATENT_MEAN, IMF_LATENT_STD
-    from meanflow.models.imf_weights import load_official_imf
+    from meanflow.models.pretrained import load_official_imf
     from meanflow.sampling import generate
 
     root, files, vae, cache = setup

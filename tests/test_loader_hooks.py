@@ -44,6 +44,7 @@ def test_loader_yields_the_global_order_for_any_number_of_workers(images):
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
+@pytest.mark.heavy
 def test_num_workers_and_resume_with_workers_train_the_same_model(images, tmp_path):
     train(_cfg(images), tmp_path / "w0")
     train(_cfg(images, "train.num_workers=2"), tmp_path / "w2")

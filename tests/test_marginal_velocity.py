@@ -143,6 +143,7 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 2, generator=gen, dtype=torch.float64), torch.arange(16) % 2
 
 
+@pytest.mark.heavy
 def test_processes_estimate_over_the_global_batch_as_one_process_does(tmp_path):
     import torch.multiprocessing as mp
     from conftest import free_port

@@ -10,7 +10,7 @@ from meanflow.models import available, create
 from meanflow.models.loading import model_spec
 from meanflow.models.registry import Family, family, register
 
-SMALLEST = {"MLP": "mlp", "DiT": "dit-tiny/2", "UNet": "unet-tiny", "IMFDiT": "imf-tiny/2"}
+SMALLEST = {"MLP": "mlp", "DiT": "dit-tiny/2", "UNet": "unet-tiny", "IMFDiT": "imf-tiny/2", "MiT": "pmf-tiny/4"}
 
 
 def test_every_preset_has_a_family_and_every_family_is_covered():

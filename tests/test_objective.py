@@ -9,7 +9,7 @@ from torch import nn
 
 from meanflow import FlowMatchingLoss, MeanFlowLoss, sample
 from meanflow.models import create
-from meanflow.objectives import Shard, jvp_mask
+from meanflow.objectives import Shard, jvp_count, jvp_mask
 
 
 class TanhNet(nn.Module):
@@ -160,6 +160,19 @@ def test_fixed_jvp_count_and_shards_reassemble_global_batch():
     torch.testing.assert_close(full.t[32:], half.t)
 
 
+@pytest.mark.parametrize("ratio, data_proportion", [(0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (0.9, 0.1), (0.7, 0.3)])
+def test_the_r_neq_t_count_is_the_official_codes_for_every_batch_size(ratio, data_proportion):
+    """Both official JAX codes set r = t on the first int(B * data_proportion) rows (data_proportion = 1 - ratio:
+    0.75 in MeanFlow's, 0.5 in iMF's), so B - int(B * data_proportion) rows have r != t: 3 of 5 at ratio 0.5."""
+    for total in range(1, 42):
+        expected = total - int(total * data_proportion + 1e-9)  # the official expression, on the decimal proportion
+        assert jvp_count(ratio, total) == expected, (ratio, total)
+        assert sum(jvp_mask(ratio, 0, total, total)) == expected
+        draws = MeanFlowLoss(ratio=ratio).draw(torch.zeros(total, 2), torch.Generator().manual_seed(0))
+        assert draws.jvp_index.numel() == expected and bool((draws.r[draws.jvp_index] < draws.t[draws.jvp_index]).all())
+    assert [jvp_count(0.5, b) for b in (1, 3, 5, 7)] == [1, 2, 3, 4]  # rounding half to even would give 0, 2, 2, 4
+
+
 @pytest.mark.parametrize("kind", ["uniform", "lognorm", "cifar_v1"])
 def test_time_samplers_order_and_range(kind):
     loss_fn = MeanFlowLoss(ratio=0.5, time_sampler=kind)
@@ -212,6 +225,7 @@ def test_closed_form_average_velocity_satisfies_identity_through_our_jvp():
     assert (wrong - u).abs().max() > 1e-2
 
 
+@pytest.mark.heavy
 def test_short_training_approaches_closed_form_one_step_map():
     """Trained on N(MU, S^2) samples, the 1-NFE map x = e - u(e, 0, 1) approaches the exact MU + S e.
 

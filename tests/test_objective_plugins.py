@@ -86,7 +86,6 @@ def test_a_user_objective_registers_by_kind_with_its_options(monkeypatch):
     from meanflow import options as opts
     from meanflow.objectives import base
 
-    monkeypatch.setattr(base, "OBJECTIVES", dict(base.OBJECTIVES))
     monkeypatch.setattr(opts, "_REGISTRY", {section: dict(kinds) for section, kinds in opts._REGISTRY.items()})
 
     class Halved(base.Objective, base.WeightOptions):

@@ -83,6 +83,40 @@ def test_masks_depend_on_the_global_row_only():
         torch.testing.assert_close(net(x.clone()), x)
 
 
+class StackedCopies(nn.Module):
+    """The batch stacked twice along the first dimension (as the guided targets stack (z, z)) through one dropout,
+    then two stacked dropout layers of the same kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.twice = nn.Dropout(0.5)
+        self.layers = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
+
+    def forward(self, x):
+        return self.twice(torch.cat([x, x])), self.layers(x)
+
+
+def test_stacked_copies_of_the_batch_and_of_a_layer_get_their_own_masks_whatever_the_split():
+    """Copy c of global row g is sample g + c * total (the global batch size, not the local one): each copy has
+    its own mask, and the masks of a split batch are those of the whole. Two dropout layers draw two masks."""
+    net, x, total = StackedCopies(), torch.ones(8, 512), 8
+    with PerSampleDropout(3, torch.arange(8), total):
+        stacked, layered = net(x)
+    for k in range(2):
+        rows = torch.arange(4 * k, 4 * k + 4)
+        with PerSampleDropout(3, rows, total):
+            half, half_layered = net(x[rows])
+        torch.testing.assert_close(half, stacked[torch.cat([rows, rows + total])], rtol=0, atol=0)
+        torch.testing.assert_close(half_layered, layered[rows], rtol=0, atol=0)
+    first, second = (stacked[:8] > 0), (stacked[8:] > 0)
+    assert abs(float((first & second).double().mean()) - 0.25) < 0.03, "the two copies' masks are independent"
+    # the second copy's mask is the one a batch of 2 * total rows would get at its rows total..2 total - 1
+    with PerSampleDropout(3, torch.arange(16), 16):
+        alone = net.twice(x.repeat(2, 1))
+    torch.testing.assert_close(stacked, alone, rtol=0, atol=0)
+    assert abs(float((layered > 0).double().mean()) - 0.25) < 0.03, "two layers, two independent masks: (1 - p)^2 kept"
+
+
 def test_every_jvp_mode_and_every_split_give_the_same_loss_with_dropout():
     torch.manual_seed(0)
     model = create("mlp", dim=2, width=32, depth=2, num_classes=3, dropout=0.3)
@@ -209,6 +243,7 @@ def _final(run) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt.resolve_checkpoint(run) / "model.safetensors"))
 
 
+@pytest.mark.heavy
 def test_one_and_two_processes_train_the_same_model_with_dropout_flips_and_labels(tmp_path):
     subprocess.run([sys.executable, "-m", "meanflow", *DIGITS, "--out", str(tmp_path / "one")], check=True, env=ENV, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "meanflow"]

@@ -383,6 +383,7 @@ def jax_reference():
     return jax.jit(lambda params: Net().apply({"params": params}, x, t, h, y))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("orbax", [True, False])
 def test_official_jax_checkpoint_gives_the_official_dits_outputs(tmp_path, jax_state, jax_reference, orbax):
     save_flax(tmp_path / "workdir", jax_state, orbax)
@@ -413,8 +414,18 @@ def test_truncated_msgpack_is_refused(tmp_path, jax_state):
     save_flax(tmp_path / "wd", jax_state, orbax=False)
     file = next((tmp_path / "wd").iterdir())
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    with pytest.raises(PretrainedError, match="truncated or corrupt"):
+    with pytest.raises(PretrainedError, match=r"could not be read as a flax checkpoint: ValueError: .*incomplete input"):
         load_pretrained(file, input_size=8)
+
+
+@pytest.mark.parametrize("orbax", [True, False])
+def test_jax_checkpoint_by_relative_path(tmp_path, jax_state, monkeypatch, orbax):
+    """Orbax takes only absolute paths: a relative one is resolved first (it used to fail as "corrupt")."""
+    save_flax(tmp_path / "ckpt", jax_state, orbax)
+    monkeypatch.chdir(tmp_path)
+    for relative in ("ckpt", "ckpt/checkpoint_5", "./ckpt/../ckpt/checkpoint_5"):
+        loaded = load_pretrained(relative, input_size=8)
+        assert loaded.format == "flax-meanflow" and loaded.info["step"] == 5
 
 
 # --- facebookresearch DiT / willisma SiT as initialisation ------------------------------------------------
@@ -562,3 +573,30 @@ def test_state_mismatch_names_each_problem_once_and_truncates_long_lists():
     state = {f"w{i}": torch.zeros(2) for i in range(1, 5)} | {"b": torch.zeros(4), "x": torch.zeros(1), "y": torch.zeros(1)}
     assert state_mismatch(own, state, shown=1) == [
         "missing keys: w0", "unexpected keys: x ... (2 in all)", "wrong shapes: b: file (4,), model (3,)"]
+
+
+def test_one_fill_step_names_every_problem_and_loads_nothing(tmp_path):
+    """fill_model: missing, unexpected and misshaped keys are all named, and the model keeps its weights."""
+    from meanflow.models.weights import fill_model
+
+    model = create("mlp", dim=2, width=8, depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.ones_like(v) for k, v in before.items()}
+    first, last = sorted(state)[0], sorted(state)[-1]
+    state.pop(first)
+    state[last] = torch.ones(3, *state[last].shape)
+    state["extra.weight"] = torch.ones(1)
+    with pytest.raises(PretrainedError, match=rf"file.pt does not fit mlp \(missing keys: {re.escape(first)} \| unexpected keys: "
+                                              rf"extra.weight \| wrong shapes: {re.escape(last)}: file \(3,.*\); pass another"):
+        fill_model(model, state, "file.pt", "pass another", target="mlp")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fill_model(model, {k: torch.ones_like(v) for k, v in before.items()}, "file.pt")
+    assert all(bool((v == 1).all()) for v in model.state_dict().values())
+
+
+def test_a_safetensors_name_is_not_enough_to_be_a_run(tmp_path):
+    """Detection by content: a file named model.safetensors beside a meta.json that is not safetensors is no run."""
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(PretrainedError, match="none of the known checkpoint formats"):
+        detect(tmp_path / "model.safetensors")

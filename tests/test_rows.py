@@ -269,6 +269,7 @@ def kept_bytes(fn):
     return result, sum(event.self_cpu_memory_usage for event in prof.key_averages())
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_activation_checkpointing_gives_the_same_tangent_and_gradients_at_lower_memory(dropout):
     """Checkpointed blocks (recomputed in backward, outside the row mode): the same du/dt and gradients.
@@ -395,6 +396,7 @@ def test_auto_mode_takes_the_row_tangent_for_plain_models_and_reports_mixing():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.heavy
 def test_compiled_model_gives_the_eager_loss_and_gradients_under_the_row_tangent():
     """A torch.compile'd model (its row pass traced and compiled by inductor) gives the eager model's gradients."""
     model = user_model("mlp")
@@ -405,6 +407,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients_under_the_row_tangent
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)  # float64: fusion reorders sums
 
 
+@pytest.mark.heavy
 def test_training_with_compile_and_the_row_tangent_equals_eager_training(tmp_path):
     """train.compile=true with jvp=rows trains (the row pass traced and compiled, per-sample dropout
     included, with no eager fallback): the eager run's weights."""

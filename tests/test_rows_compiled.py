@@ -54,6 +54,7 @@ def step(model, net, x, labels, seed: int = 4) -> tuple[torch.Tensor, torch.Tens
     return loss.detach(), dudt, torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@pytest.mark.heavy
 def test_compiled_row_pass_equals_the_eager_one_and_follows_the_weights():
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -69,6 +70,7 @@ def test_compiled_row_pass_equals_the_eager_one_and_follows_the_weights():
     assert len(graphs) == 1 and callable(next(iter(graphs.values())))
 
 
+@pytest.mark.heavy
 def test_no_rule_runs_after_the_trace(monkeypatch):
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -81,6 +83,7 @@ def test_no_rule_runs_after_the_trace(monkeypatch):
     assert len(calls) == 1  # the trace; the other five calls ran the compiled graph
 
 
+@pytest.mark.heavy
 def test_each_part_of_the_signature_gets_its_own_graph():
     """Batch size, grad mode, autocast and the training flag each change the trace: each gets a new graph
     that agrees with the eager row pass (a reused graph would drop gradients, casts or BatchNorm's mode)."""
@@ -120,6 +123,7 @@ def saved_bytes(fn) -> int:
     return sum(total)
 
 
+@pytest.mark.heavy
 def test_the_tangent_stays_out_of_autograd():
     """The compiled row pass saves what the compiled plain forward saves: no tangent activations."""
     model = plain_dit()
@@ -141,6 +145,7 @@ def test_a_model_that_draws_random_numbers_runs_the_eager_row_pass():
     assert all(isinstance(reason, str) for reason in rows_compiled._GRAPHS[model].values())
 
 
+@pytest.mark.heavy
 def test_bf16_autocast_matches_the_eager_row_pass():
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -156,6 +161,7 @@ def test_a_model_that_mixes_rows_raises_as_it_does_eagerly():
         MeanFlowLoss(ratio=0.5)(torch.compile(BatchNormMLP(), backend="aot_eager"), torch.randn(6, 3))
 
 
+@pytest.mark.heavy
 def test_the_traced_graphs_do_not_keep_the_model_alive():
     model = plain_dit()
     step(model, torch.compile(model, backend="aot_eager"), *batch())
@@ -203,6 +209,7 @@ def test_a_model_with_activation_checkpointing_runs_the_eager_row_pass():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_the_row_pass_is_compiled_with_the_models_backend():
     seen = []
 
@@ -215,6 +222,7 @@ def test_the_row_pass_is_compiled_with_the_models_backend():
     assert len(seen) == 1 and seen[0] > 100  # the row pass's graph (the model itself never ran compiled)
 
 
+@pytest.mark.heavy
 def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
     """Under meanflow train's per-sample dropout the row pass is traced: the keys and the rows' global
     indices are inputs of the graph (no random op in it, so any backend gives the same masks), and the
@@ -244,6 +252,7 @@ def test_per_sample_dropout_is_traced_and_gives_the_eager_masks():
     assert len(graphs) == 1 and callable(next(iter(graphs.values())))
 
 
+@pytest.mark.heavy
 def test_a_model_moved_to_another_dtype_is_traced_again():
     model = plain_dit()
     compiled = torch.compile(model, backend="aot_eager")
@@ -254,3 +263,74 @@ def test_a_model_moved_to_another_dtype_is_traced_again():
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert len(rows_compiled._GRAPHS[model]) == 2
+
+
+class Conditioned(torch.nn.Module):
+    """A user's model with two optional conditioning inputs of one shape, optional labels and a second head."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body, self.emb = torch.nn.Linear(6, 16), torch.nn.Embedding(4, 16)
+        self.u, self.v = torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+
+    def forward(self, z, r, t, labels=None, omega=None, scale=None, return_v=False):
+        extra = (torch.zeros_like(t) if omega is None else omega) + (torch.zeros_like(t) if scale is None else scale.exp())
+        h = self.body(torch.cat([z, r[:, None], (t * t)[:, None], extra[:, None]], dim=1))
+        h = torch.tanh(h if labels is None else h + self.emb(labels))
+        return (self.u(h), self.v(h)) if return_v else self.u(h)
+
+
+@pytest.mark.heavy
+def test_the_signature_tells_apart_conditioning_names_labels_tangents_and_heads():
+    """Calls that differ only in a conditioning input's name, whether labels or a tangent on r are given, or
+    whether the second head is asked for, each get their own graph, equal to the eager row pass; a call like an
+    earlier one reuses its graph."""
+    model = Conditioned()
+    compiled = torch.compile(model, backend="aot_eager")
+    z, t, w = torch.randn(6, 3), torch.rand(6), torch.rand(6)
+    rows, dz, dr = torch.tensor([1, 4]), torch.randn(2, 3), torch.rand(2)
+    calls = [
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"omega": w}},
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"scale": w}},
+        {"labels": torch.arange(6) % 3, "tangent": Tangent(z=dz), "conditioning": {"omega": w}},
+        {"labels": None, "tangent": Tangent(z=dz, r=dr), "conditioning": {"omega": w}},
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"omega": w}, "return_v": True},
+        {"labels": None, "tangent": Tangent(z=dz), "conditioning": {"omega": w + 1}},  # the first signature again
+    ]
+    for count, call in zip((1, 2, 3, 4, 5, 5), calls):
+        options = dict(call)
+        labels, tangent = options.pop("labels"), options.pop("tangent")
+        eager = jvp(model, z, t * 0.5, t, labels, rows, tangent, mode="rows", **options)
+        traced = jvp(compiled, z, t * 0.5, t, labels, rows, tangent, mode="rows", **options)
+        assert len(rows_compiled._GRAPHS[model]) == count, call
+        for a, b in zip((eager.u, eager.du, eager.v), (traced.u, traced.du, traced.v)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["forward_ad", "full"])
+def test_forward_mode_on_a_compiled_model_moves_t_along_its_tangent(mode):
+    """jvp="forward_ad" / "full" on a compiled model (torch.func.jvp through it) gives d/dt u along (v, 0, 1):
+    torch.func.jvp of the plain model in float64, and along (0, 0, 1) the time derivative alone, which t * t in
+    the model makes differ from zero."""
+    model = Conditioned().double()
+    compiled = torch.compile(model, backend="aot_eager")
+    z, t = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, dtype=torch.float64) * 0.5 + 0.4
+    r, rows, w = t * 0.5, torch.tensor([0, 3, 5]), torch.rand(6, dtype=torch.float64)
+
+    def reference(dz: torch.Tensor) -> torch.Tensor:
+        def fn(z_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+            return model(z_, r[rows], t_, None, omega=w[rows])
+
+        return torch.func.jvp(fn, (z[rows], t[rows]), (dz, torch.ones(3, dtype=torch.float64)))[1]
+
+    for dz in (torch.randn(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)):
+        out = jvp(compiled, z, r, t, None, rows, Tangent(z=dz), mode=mode, conditioning={"omega": w})
+        torch.testing.assert_close(out.du, reference(dz), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.u, model(z, r, t, None, omega=w), rtol=1e-12, atol=1e-12)
+        assert out.u.requires_grad and not out.du.requires_grad
+    assert float(reference(torch.zeros(3, 3, dtype=torch.float64)).detach().abs().min()) > 1e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -76,6 +77,7 @@ def test_sweep_runs_then_skips_finished_and_resumes_interrupted(tmp_path):
     assert (victim / "metrics.json").exists()
 
 
+@pytest.mark.heavy
 def test_summary_table_matches_metrics_files(tmp_path):
     spec_path = _spec(tmp_path)
     out = tmp_path / "out"
@@ -215,3 +217,95 @@ def test_image_runs_without_a_metric_are_refused_before_any_training(tmp_path):
     sweep.run_sweep(spec, tmp_path / "out", extra=[f"eval.fid_stats={tmp_path / 'ref.npz'}"],  # with statistics: trains
                     train_fn=lambda *args: trained.append(args), finish_fn=lambda directory: None, log=lambda message: None)
     assert len(trained) == 1
+
+
+# ---- paired statistics against a baseline ------------------------------------------------------------
+
+
+def test_paired_differences_by_hand():
+    """diffs 0.5, 1.5, -0.25 (seed 3 has no baseline, seed 4 a NaN): mean 7/12, variance 37/48, t = 7 / sqrt(37)."""
+    values = {0: 1.0, 1: 2.5, 2: 2.0, 3: 9.0, 4: float("nan")}
+    paired = sweep.paired_differences(values, {0: 0.5, 1: 1.0, 2: 2.25, 4: 1.0})
+    assert paired["seeds"] == [0, 1, 2] and paired["diffs"] == [0.5, 1.5, -0.25] and paired["n"] == 3
+    assert paired["mean"] == pytest.approx(7 / 12, rel=1e-12) and paired["std"] == pytest.approx((37 / 48) ** 0.5, rel=1e-12)
+    assert paired["same_sign"] == 2 and paired["t"] == pytest.approx(7 / 37 ** 0.5, rel=1e-12)
+    worse = sweep.paired_differences({0: 1.0, 1: 1.0}, {0: 2.0, 1: 3.0})  # both below: the sign of a negative mean
+    assert (worse["mean"], worse["same_sign"], worse["t"]) == (-1.5, 2, pytest.approx(-1.5 / (0.5 ** 0.5 / 2 ** 0.5)))
+    assert math.isnan(sweep.paired_differences({0: 1.0}, {0: 0.0})["t"])  # one pair: no t
+
+
+# sampler x ratio, seeds 0-2: metric "m.x" = 10 * (sampler is uniform) + ratio + a per-seed offset
+PAIRED_VALUES = {("uniform", 0.25): [10.5, 11.0, 10.0], ("lognorm", 0.25): [0.5, 0.75, 0.5],
+                 ("uniform", 0.75): [11.5, 10.5, 12.5], ("lognorm", 0.75): [1.0, 1.0, 1.0]}
+
+
+def _paired_sweep(tmp_path: Path, **extra) -> tuple[Path, Path]:
+    """A sampler x ratio sweep whose runs are finished (metrics.json written here, nothing trained)."""
+    spec_path = _spec(tmp_path, grid={"objective.time_sampler": ["uniform", "lognorm"], "objective.ratio": [0.25, 0.75]},
+                      seeds=[0, 1, 2], metrics=["m.x"], **extra)
+    spec, _ = sweep.load_spec(spec_path)
+    out = tmp_path / "out"
+    for run in sweep.plan(spec):
+        point = dict(run.point)
+        value = PAIRED_VALUES[(point["objective.time_sampler"], point["objective.ratio"])][run.seed]
+        run.directory(out).mkdir(parents=True)
+        (run.directory(out) / "metrics.json").write_text(json.dumps({"results": {"m": {"x": value}}}))
+    return spec_path, out
+
+
+def test_the_summary_pairs_each_point_with_its_baseline_by_seed(tmp_path):
+    """baseline {sampler: lognorm}: each uniform point against lognorm at its own ratio; the numbers by hand."""
+    spec_path, out = _paired_sweep(tmp_path, baseline={"objective.time_sampler": "lognorm"})
+    spec, _ = sweep.load_spec(spec_path)
+    sweep.write_summary(spec, out)
+    with (out / "summary.csv").open() as handle:
+        table = {(row["objective.time_sampler"], row["objective.ratio"]): row for row in csv.DictReader(handle)}
+    row = table[("uniform", "0.25")]  # diffs 10.0, 10.25, 9.5: mean 9.916..., std 0.3818..., 3/3 positive
+    assert row["baseline"] == "objective.ratio=0.25, objective.time_sampler=lognorm"  # the spec file's axis order (sorted)
+    assert [float(d) for d in row["diffs"].split(";")] == [10.0, 10.25, 9.5]
+    assert float(row["diff_mean"]) == pytest.approx(29.75 / 3) and float(row["diff_std"]) == pytest.approx(statistics.stdev([10.0, 10.25, 9.5]))
+    assert (row["diff_n"], row["same_sign"]) == ("3", "3")
+    assert float(row["t"]) == pytest.approx((29.75 / 3) / (statistics.stdev([10.0, 10.25, 9.5]) / 3 ** 0.5))
+    assert float(table[("uniform", "0.75")]["diff_mean"]) == pytest.approx(10.5)  # 11.5, 10.5, 12.5 against 1, 1, 1
+    assert table[("lognorm", "0.25")]["baseline"] == table[("lognorm", "0.75")]["t"] == ""  # the baselines themselves
+    text = (out / "summary.md").read_text()
+    assert "## Paired differences against the baseline" in text
+    assert "| 0.75 | uniform | objective.ratio=0.75, objective.time_sampler=lognorm | 0,1,2 | +10.5 ± 1, 3/3 same sign, t = 18.2 (n = 3) [+10.5, +9.5, +11.5] |" in text  # t = 10.5 sqrt(3)
+
+
+def test_table_only_recomputes_the_pairs_against_a_baseline_given_on_the_command_line(tmp_path):
+    """--baseline objective.ratio=0.75 (none in the spec): lognorm 0.25 against lognorm 0.75 is -0.5, -0.25, -0.5."""
+    spec_path, out = _paired_sweep(tmp_path)
+    result = _cli("sweep", str(spec_path), "--out", str(out), "--table-only", "--baseline", "objective.ratio=0.75")
+    assert result.returncode == 0, result.stderr
+    with (out / "summary.csv").open() as handle:
+        table = {(row["objective.time_sampler"], row["objective.ratio"]): row for row in csv.DictReader(handle)}
+    row = table[("lognorm", "0.25")]
+    assert [float(d) for d in row["diffs"].split(";")] == [-0.5, -0.25, -0.5] and row["same_sign"] == "3"
+    assert float(row["t"]) == pytest.approx((-1.25 / 3) / (statistics.stdev([-0.5, -0.25, -0.5]) / 3 ** 0.5))
+    assert "3/3 same sign" in result.stdout
+
+
+@pytest.mark.parametrize("baseline, message", [
+    ({"objective.raito": 0.25}, "baseline axis 'objective.raito' is not an axis of the sweep; its axes: objective.ratio, objective.time_sampler"),
+    ({"objective.ratio": 0.5}, r"baseline objective.ratio=0.5 is not one of the sweep's values 0.25, 0.75"),
+    ("fm", "baseline axis 'variant' is not an axis of the sweep"),
+])
+def test_a_baseline_outside_the_sweep_names_the_problem(tmp_path, baseline, message):
+    spec_path, _ = _paired_sweep(tmp_path)
+    spec, _ = sweep.load_spec(spec_path)
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_spec(_spec(tmp_path, grid=spec.grid, baseline=baseline))
+    with pytest.raises(ConfigError, match="--baseline takes a variant name or axis=value items"):
+        sweep.with_baseline(spec, ["objective.ratio=0.25", "lognorm"])
+
+
+def test_a_variant_baseline_pairs_every_variant_with_it(tmp_path):
+    spec, _ = sweep.load_spec(_spec(tmp_path, variants={"fm": {"objective.kind": "flow_matching"}, "mf": {}}, baseline="fm"))
+    points = {run.point for run in sweep.plan(spec)}
+    axes = sweep.baseline_axes(spec)
+    assert axes == {"variant": "fm"}
+    assert {p: sweep.baseline_point(p, axes) for p in points} == {
+        (("variant", "fm"), ("objective.ratio", 0.0)): None, (("variant", "fm"), ("objective.ratio", 0.5)): None,
+        (("variant", "mf"), ("objective.ratio", 0.0)): (("variant", "fm"), ("objective.ratio", 0.0)),
+        (("variant", "mf"), ("objective.ratio", 0.5)): (("variant", "fm"), ("objective.ratio", 0.5))}

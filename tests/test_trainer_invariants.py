@@ -59,16 +59,20 @@ def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 # ---- EMA ----------------------------------------------------------------------------------------
 
 
-def test_ema_follows_its_formula_for_every_decay(tmp_path):
-    """ema_k = d ema_{k-1} + (1 - d) theta_k for each decay, from one checkpoint to the next."""
-    run = tmp_path / "run"
-    cfg = _cfg(tmp_path, "train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.ema_decays=[0.9, 0.6]")
+def test_each_ema_follows_its_per_step_decay(tmp_path):
+    """ema_k = b_k ema_{k-1} + (1 - b_k) theta_k from one checkpoint to the next, with b_k = min(decay, 0.5 ** (1 / (rampup k)))
+    for the exponential EMAs (ramping up, then capped: 0.6 from step 3) and (1 - 1/k) ** (gamma + 1) for the power one."""
+    run, std = tmp_path / "run", math.sqrt(4 / (5 ** 2 * 6))  # gamma = 3: sqrt((g + 1) / ((g + 2)^2 (g + 3)))
+    cfg = _cfg(tmp_path, "train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.ema_decays=[0.9, 0.6]",
+               "train.ema_rampup=0.5", f"train.ema_stds=[{std!r}]")
     train(cfg, run)
-    for decay, name in ((0.9, "ema.safetensors"), (0.6, "ema_0.6.safetensors")):
+    profiles = {"ema.safetensors": lambda k: min(0.9, 0.5 ** (1 / (0.5 * k))), "ema_0.6.safetensors": lambda k: min(0.6, 0.5 ** (1 / (0.5 * k))),
+                f"ema_std{std:g}.safetensors": lambda k: (1 - 1 / k) ** 4}
+    for name, beta in profiles.items():
         for step in (2, 3, 4):
             before, theta, after = _weights(run, step - 1, name), _weights(run, step), _weights(run, step, name)
             for key in theta:
-                expected = decay * before[key].double() + (1 - decay) * theta[key].double()
+                expected = beta(step) * before[key].double() + (1 - beta(step)) * theta[key].double()
                 torch.testing.assert_close(after[key].double(), expected, rtol=0, atol=1e-6)
 
 
@@ -115,7 +119,7 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_next_step_and_stops(tmp_p
 
 # a shorter train.steps stands for the interruption, so the schedule must not depend on it: no lr decay
 RESUME = ("train.warmup_steps=5", "model.kwargs.dropout=0.1", "objective.label_drop=0.2", "train.precision=bf16",
-          "train.ema_decays=[0.9]", "train.checkpoint_every=3", "train.lr_decay=none")
+          "train.ema_decays=[0.9]", "train.ema_rampup=0.3", "train.ema_stds=[0.2]", "train.checkpoint_every=3", "train.lr_decay=none")
 
 
 def test_resume_with_warmup_dropout_labels_bf16_is_bit_identical(tmp_path, capsys):
@@ -125,7 +129,7 @@ def test_resume_with_warmup_dropout_labels_bf16_is_bit_identical(tmp_path, capsy
     capsys.readouterr()
     train(_cfg(tmp_path, *RESUME, "train.steps=8"), stopped, resume=True)
     assert f"resuming from {stopped / 'checkpoints' / ckpt.checkpoint_name(3)} (step 3)" in capsys.readouterr().out
-    for name in ("model.safetensors", "ema.safetensors"):
+    for name in ("model.safetensors", "ema.safetensors", "ema_std0.2.safetensors"):  # the ramping and the power-function EMA
         _assert_equal(_weights(full, 8, name), _weights(stopped, 8, name))
     a, b = _state(full, 8), _state(stopped, 8)
     assert a["step"] == b["step"] == 8
@@ -344,7 +348,7 @@ def test_ema_state_dicts_by_index_and_a_mismatched_state_is_an_error():
     ema = EMA(net, [0.5, 0.9])
     with torch.no_grad():
         net.weight.add_(1.0)
-    ema.update(net)
+    ema.update(net, step=1)
     torch.testing.assert_close(ema.state_dict()["weight"], ema.state_dict(0)["weight"])
     assert not torch.equal(ema.state_dict(0)["weight"], ema.state_dict(1)["weight"])
     wrong = {f"k{i}": torch.zeros(1) for i in range(7)}
@@ -385,10 +389,10 @@ def test_an_unfused_optimizer_state_resumes_into_the_fused_optimizer_that_can_sk
     load_optimizer_state(fused, copy.deepcopy(old.state_dict()))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     set_grads(net)
-    apply_step(fused, EMA(net, [0.9]), net, torch.tensor(False))
+    apply_step(fused, EMA(net, [0.9]), net, torch.tensor(False), step=2)
     _assert_equal(net.state_dict(), before)
     assert all(float(s["step"]) == 1.0 for s in fused.state.values())
-    apply_step(fused, EMA(net, [0.9]), net, torch.tensor(True))
+    apply_step(fused, EMA(net, [0.9]), net, torch.tensor(True), step=2)
     set_grads(old_net)
     old.step()
     assert all(float(s["step"]) == 2.0 for s in fused.state.values())

@@ -39,6 +39,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt.resolve_checkpoint(run) / "model.safetensors"))
 
 
+@pytest.mark.heavy
 def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_toy_overrides):
     args = ["train", "--config", "toy", "--no-eval", *tiny_toy_overrides, "train.steps=240", "train.checkpoint_every=40"]
     subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, env=ENV, capture_output=True)
@@ -104,6 +105,7 @@ def test_repeated_nans_stop_training_with_message(tmp_path, tiny_toy_overrides):
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step_00000005"
 
 
+@pytest.mark.heavy
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tiny_toy_overrides):
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli("train", "--config", "toy", "--no-eval", "--out", str(run), *tiny_toy_overrides,
@@ -161,6 +163,7 @@ def dist_overrides(tiny_toy_overrides):
     return [*tiny_toy_overrides, "train.steps=6", "train.checkpoint_every=6", "train.batch_size=32", "model.kwargs.dropout=0.0"]
 
 
+@pytest.mark.heavy
 def test_two_gloo_processes_match_one_process(tmp_path, dist_overrides):
     _spawn(2, tmp_path / "two", dist_overrides)
     sums = [torch.load(tmp_path / "two" / f"checksum_rank{r}_step6.pt") for r in (0, 1)]
@@ -170,11 +173,13 @@ def test_two_gloo_processes_match_one_process(tmp_path, dist_overrides):
     _assert_same_training(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"))
 
 
+@pytest.mark.heavy
 def test_broken_gradient_sync_is_caught(tmp_path, dist_overrides):
     with pytest.raises(Exception, match="differ between ranks"):
         _spawn(2, tmp_path / "broken", dist_overrides, broken=True)
 
 
+@pytest.mark.heavy
 def test_torchrun_cli_matches_single_process(tmp_path, tiny_toy_overrides):
     args = ["train", "--config", "toy", "--no-eval", *tiny_toy_overrides, "train.steps=5", "train.checkpoint_every=5", "train.batch_size=32"]
     subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), check=True, env=ENV, capture_output=True)

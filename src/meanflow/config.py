@@ -68,6 +68,7 @@ class ModelConfig:
 
 PARALLEL_MODES = ("ddp", "fsdp")  # train.parallel: see meanflow.runtime.distributed
 LATENT_NORMALISATIONS = ("vae", "imf")  # data.latent_norm: see meanflow.data.latents
+PIXEL_OBJECTIVES = ("pmf",)  # objective kinds that train on pixels only (no VAE latents)
 
 
 @_declared
@@ -101,7 +102,7 @@ class ObjectiveConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every option of the kind: given values, else the objective's defaults."""
-        return opts.lookup("objective", self.kind).resolve(self.options, "objective.")
+        return opts.options_of("objective", self.kind).resolve(self.options, "objective.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.resolved()}
@@ -115,8 +116,10 @@ class ObjectiveConfig:
         return values[name]
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # train.optimizer name -> torch class
+OPTIMIZERS = ("adam", "adamw", "muon")  # train.optimizer: see meanflow.training.builders.build_optimizer
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")  # train.muon_adjust_lr: torch.optim.Muon's adjust_lr_fn
 LR_DECAYS = ("none", "cosine", "linear")  # train.lr_decay: see meanflow.training.builders.learning_rate
+MAX_EMA_STD = 12 ** -0.5  # train.ema_stds: the widest power-function EMA, gamma = 0 (see meanflow.training.ema)
 
 
 @_declared
@@ -127,14 +130,24 @@ class TrainConfig:
     steps: int = setting(4000, above=0)
     batch_size: int = setting(1024, above=0, doc="global batch, divisible by the number of processes")
     lr: float = setting(1e-3, above=0.0)
-    optimizer: str = setting("adam", choices=tuple(OPTIMIZERS), doc="adamw: decoupled weight decay")
+    optimizer: str = setting("adam", choices=OPTIMIZERS,
+                             doc="adamw: decoupled weight decay; muon: Muon on the nn.Linear weights, AdamW on the rest (pMF)")
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = setting(0.0, low=0.0)
+    muon_momentum: float = setting(0.95, low=0.0, high=1.0, doc="muon: momentum of the Muon part (official pMF: 0.95)")
+    muon_ns_steps: int = setting(5, above=0, doc="muon: Newton-Schulz steps of the Muon part (official pMF: 5)")
+    muon_adjust_lr: str = setting("original", choices=MUON_LR_ADJUSTMENTS,
+                                  doc="muon: the Muon step's scale, sqrt(max(1, fan_out / fan_in)) (original, official pMF) "
+                                      "or 0.2 sqrt(max(fan_in, fan_out)) (match_rms_adamw)")
     warmup_steps: int = setting(0, low=0)
     lr_decay: str = setting("none", choices=LR_DECAYS,
                             doc="after warm-up: none (constant, the paper's), cosine or linear down to 0 at the last step")
     grad_clip: float = setting(0.0, low=0.0, doc="max gradient norm; 0 = no clipping")
-    ema_decays: list = field(default_factory=lambda: [0.999])
+    ema_decays: list = field(default_factory=lambda: [0.999])  # exponential EMAs (meanflow.training.ema.Exponential)
+    ema_rampup: float = setting(0.05, low=0.0, high=1.0,
+                                doc="EDM's EMA ramp-up: each exponential EMA's half-life is at most this fraction of the "
+                                    "steps so far (0 = off: the plain EMA from the initial weights, as before)")
+    ema_stds: list = field(default_factory=list)  # EDM2 power-function EMAs of these relative std's, after the exponential ones
     precision: str = setting("fp32", choices=("fp32", "bf16"))
     compile: bool = False
     parallel: str = setting("ddp", choices=PARALLEL_MODES,
@@ -194,16 +207,6 @@ class Config:
         return {**dataclasses.asdict(self), "objective": self.objective.to_dict()}
 
 
-# data.* keys each data source reads besides ``name`` and ``conditional``; filed by meanflow.data,
-# which owns the sources (see :func:`register_data_source`)
-_DATA_READS: dict[str, tuple[str, ...]] = {}
-
-
-def register_data_source(name: str, reads: tuple[str, ...]) -> None:
-    """File which ``data.*`` keys source ``name`` reads (so an override of data.name can drop the others)."""
-    _DATA_READS[name] = tuple(reads)
-
-
 def available_configs() -> list[str]:
     """Names of the YAML presets shipped with the package."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -229,7 +232,7 @@ def _keep_options_read_by(raw: dict[str, Any], kind: Any) -> None:
     section = raw.get("objective")
     if not isinstance(section, dict) or kind not in opts.kinds("objective"):
         return
-    reads = opts.lookup("objective", kind).options
+    reads = opts.options_of("objective", kind).options
     raw["objective"] = {k: v for k, v in section.items() if k == "kind" or k in reads}
 
 
@@ -237,9 +240,10 @@ def _keep_data_keys_read_by(raw: dict[str, Any], name: Any) -> None:
     """Drop the preset's data keys that source ``name`` does not read (data.name overridden): they
     belonged to the preset's source. Keys given on the command line are still checked."""
     section = raw.get("data")
-    if not isinstance(section, dict) or name not in _DATA_READS:
+    if not isinstance(section, dict) or name not in opts.kinds("data"):
         return
-    raw["data"] = {k: v for k, v in section.items() if k in ("name", "conditional", *_DATA_READS[name])}
+    reads = opts.lookup("data", name).reads
+    raw["data"] = {k: v for k, v in section.items() if k in ("name", "conditional", *reads)}
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -263,10 +267,15 @@ def validate(cfg: Config) -> None:
                 except ValueError as err:
                     raise ConfigError(str(err)) from None
     stage_objectives(cfg)
+    if cfg.data.name == "latents" and any(objective.kind in PIXEL_OBJECTIVES for _, objective in stage_objectives(cfg)):
+        raise ConfigError("objective.kind=pmf trains in pixel space without a VAE, but data.name=latents holds VAE latents; "
+                          "train on images (data.name=folder data.path=IMAGES data.image_size=256) or use objective.kind=imf on latents")
+    if cfg.train.optimizer == "muon" and cfg.train.parallel == "fsdp":
+        raise ConfigError("train.optimizer=muon orthogonalises whole weight matrices, which train.parallel=fsdp shards; "
+                          "use train.parallel=ddp (or train.optimizer=adamw with fsdp)")
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {cfg.train.betas!r}")
-    if not cfg.train.ema_decays or not all(0.0 < d < 1.0 for d in cfg.train.ema_decays):
-        raise ConfigError(f"train.ema_decays must be a non-empty list of numbers in (0, 1); got {cfg.train.ema_decays!r}")
+    _validate_emas(cfg.train)
     if not cfg.eval.steps or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.steps):
         raise ConfigError(f"eval.steps must be a non-empty list of positive integers; got {cfg.eval.steps!r}")
     if cfg.eval.omega is not None and not _is_number(cfg.eval.omega):
@@ -274,6 +283,17 @@ def validate(cfg: Config) -> None:
     if cfg.eval.interval is not None and not (isinstance(cfg.eval.interval, list) and len(cfg.eval.interval) == 2
                                               and all(_is_number(x) for x in cfg.eval.interval)):
         raise ConfigError(f"eval.interval must be two numbers [t_min, t_max] (or null: the model's own); got {cfg.eval.interval!r}")
+
+
+def _validate_emas(train: TrainConfig) -> None:
+    """train.ema_decays in (0, 1), train.ema_stds in (0, MAX_EMA_STD], at least one EMA in all."""
+    if not all(_is_number(d) and 0.0 < d < 1.0 for d in train.ema_decays):
+        raise ConfigError(f"train.ema_decays must be a list of numbers in (0, 1); got {train.ema_decays!r}")
+    if not all(_is_number(s) and 0.0 < s <= MAX_EMA_STD for s in train.ema_stds):
+        raise ConfigError(f"train.ema_stds must be a list of numbers in (0, {MAX_EMA_STD:.4f}] (power-function EMA widths, "
+                          f"e.g. EDM2's [0.05, 0.1]); got {train.ema_stds!r}")
+    if not train.ema_decays and not train.ema_stds:
+        raise ConfigError("train.ema_decays and train.ema_stds are both empty; give at least one EMA (e.g. train.ema_decays=[0.999])")
 
 
 def _is_number(value: Any) -> bool:
@@ -304,7 +324,7 @@ def stage_objectives(cfg: Config) -> list[tuple[int, ObjectiveConfig]]:
         kind = given.get("kind", cfg.objective.kind)
         base = dict(cfg.objective.options)
         if kind != cfg.objective.kind and kind in opts.kinds("objective"):
-            base = {k: v for k, v in base.items() if k in opts.lookup("objective", kind).options}
+            base = {k: v for k, v in base.items() if k in opts.options_of("objective", kind).options}
         try:
             objective = _build_objective({**base, **given, "kind": kind})
         except ConfigError as err:

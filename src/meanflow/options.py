@@ -7,9 +7,13 @@ A component with options (an objective, for example) declares each as a class at
 
 The same declaration serves the constructor (``MyLoss(ratio=0.5)``), the config section
 (``objective.ratio=0.5``) and the command line (``key=value`` overrides), so a default or a
-range is written in one place. :func:`register` files a component's options under
-``(section, kind)``; :mod:`meanflow.config` reads them from here, so the config never imports
-the floors above it.
+range is written in one place.
+
+This module also holds the one registry of named components (objectives, data sources):
+:func:`register` files a component under ``(section, kind)``, called once by the floor that owns
+it; :mod:`meanflow.config` validates names and options against the same entries, so the config
+never imports the floors above it. An objective entry is its class (``option_set()`` gives its
+options); a data-source entry has ``reads`` (the ``data.*`` keys it uses).
 """
 from __future__ import annotations
 
@@ -129,7 +133,7 @@ class OptionSet:
 
     def unknown(self, key: str, prefix: str = "") -> str:
         """Message for an option this component does not read."""
-        readers = [k for k, s in _REGISTRY.get(self.section, {}).items() if key in s.options]
+        readers = [k for k in kinds(self.section) if key in options_of(self.section, k).options]
         hint = difflib.get_close_matches(key, list(self.options), n=1)
         message = f"{self.owner} does not read option {prefix}{key}"
         if readers:
@@ -139,12 +143,13 @@ class OptionSet:
         return message + f"; its options: {', '.join(self.options) or 'none'}"
 
 
-_REGISTRY: dict[str, dict[str, OptionSet]] = {}
+_REGISTRY: dict[str, dict[str, Any]] = {}  # section -> kind -> component, in registration order
 
 
-def register(options: OptionSet) -> None:
-    """File a component's options under (section, kind)."""
-    _REGISTRY.setdefault(options.section, {})[options.kind] = options
+def register(section: str, kind: str, component: Any) -> Any:
+    """File ``component`` under (section, kind), e.g. ("objective", "meanflow", MeanFlowLoss); returns it."""
+    _REGISTRY.setdefault(section, {})[kind] = component
+    return component
 
 
 def kinds(section: str) -> list[str]:
@@ -152,8 +157,13 @@ def kinds(section: str) -> list[str]:
     return list(_REGISTRY.get(section, {}))
 
 
-def lookup(section: str, kind: str) -> OptionSet:
-    """The options of (section, kind); ValueError listing the registered kinds."""
+def components(section: str) -> dict[str, Any]:
+    """The registered components of a section by kind (a copy, in registration order)."""
+    return dict(_REGISTRY.get(section, {}))
+
+
+def lookup(section: str, kind: str) -> Any:
+    """The component filed under (section, kind); ValueError listing the registered kinds."""
     try:
         return _REGISTRY[section][kind]
     except KeyError:
@@ -161,3 +171,8 @@ def lookup(section: str, kind: str) -> OptionSet:
         hint = difflib.get_close_matches(str(kind), known, n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(f"{section}.kind must be one of {', '.join(known)}; got {kind!r}{extra}") from None
+
+
+def options_of(section: str, kind: str) -> OptionSet:
+    """The options of the component filed under (section, kind) (its ``option_set()``)."""
+    return lookup(section, kind).option_set()

@@ -69,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<14}n/a: {err}")
             continue
         fam = family(name)
-        jvp = "dual" if fam.fast_jvp else "fwAD"
+        jvp = "dual" if fam.fast_jvp else "rows"  # what objective.jvp=auto takes: Dual layers, else the row tangent
         print(f"{name:<14}{fam.name:<8}{describe_input(name, kwargs):<11}{model.num_classes:>8}{jvp:>6}  {count / 1e6:8.1f}M  ({count:,})")
     return 0

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a trained model", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (newest checkpoint)")
-    src.add_argument("--checkpoint", help="checkpoint directory, .safetensors file, or released iMF weights (iMF-B-2.pth)")
+    src.add_argument("--checkpoint", help="checkpoint directory, .safetensors file, or released weights (iMF-B-2.pth, pMF-B-16.zip or its directory)")
     p.add_argument("--steps", type=int, default=1, help="network evaluations (MeanFlow jumps or ODE steps)")
     p.add_argument("--num", type=int, default=1000, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (array 'samples', 'labels' if conditional) or .png")
@@ -31,9 +31,9 @@ def register(sub) -> None:
     classes.add_argument("--labels", default=None, help="comma-separated classes to cycle through, e.g. 0,3,7")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"{declared_option(EvalConfig, 'batch_size').doc} (default: {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--omega", type=float, default=None, help="guidance scale of an iMF model (> 0; default: the preset's official value, else 1)")
+    p.add_argument("--omega", type=float, default=None, help="guidance scale of an iMF or pMF model (> 0; default: the preset's official value, else 1)")
     p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
-                   help="guidance interval of an iMF model, 0 <= T_MIN <= T_MAX <= 1 (default: the preset's official one, else 0 1)")
+                   help="guidance interval of an iMF or pMF model, 0 <= T_MIN <= T_MAX <= 1 (default: the preset's official one, else 0 1)")
     p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub id) instead of the recorded one")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)

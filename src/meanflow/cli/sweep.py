@@ -2,8 +2,8 @@
 
 Finished runs (those with ``metrics.json``) are skipped, interrupted ones resumed, so the same
 command continues a stopped sweep. The table (``summary.md``/``summary.csv``: mean ± std over
-seeds and the raw values; ``runs.csv``: one row per run) and one PNG per metric go to the output
-directory. See :mod:`meanflow.training.sweep` for the spec format; shipped specs: configs/sweeps/.
+seeds and the raw values, and with a baseline the paired differences against it; ``runs.csv``: one
+row per run) and one PNG per metric go to the output directory. See :mod:`meanflow.training.sweep` for the spec format; shipped specs: configs/sweeps/.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--table-only", action="store_true", help="only (re)write the table and plots from the finished runs")
     p.add_argument("--rescore", action="store_true", help="evaluate finished runs again (after the evaluation changed)")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="run only runs I, I+N, I+2N, ... (N processes share a sweep)")
+    p.add_argument("--baseline", action="append", default=None, metavar="VARIANT|AXIS=VALUE",
+                   help="compare every point with this one, paired by seed (a variant name, or axis=value, repeated for "
+                   "several axes); replaces the spec's baseline; works with --table-only")
     p.add_argument("--seeds", default=None, metavar="S,S,...",
                    help="train only these of the spec's seeds (e.g. --seeds 0 for a first pass); the table shows every finished run")
     p.set_defaults(func=run)
@@ -30,6 +33,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec, path = sweep.load_spec(args.spec[0])
+    if args.baseline:
+        spec = sweep.with_baseline(spec, args.baseline)
     args.overrides = args.spec[1:]
     out = Path(args.out or Path("runs") / "sweeps" / path.stem)
     if args.dry_run:

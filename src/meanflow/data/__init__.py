@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from ..config import ConfigError, DataConfig, register_data_source
+from .. import options as opts
+from ..config import ConfigError, DataConfig
 from .base import KINDS, Dataset, TensorDataset
 from .images import load_digits, load_image_folder, load_npz_images, load_torchvision, random_flip, save_grid, to_uint8
 from .latents import load_latent_dataset
@@ -30,7 +31,7 @@ def load_dataset(cfg: DataConfig, seed: int, root: str = "data") -> tuple[Datase
     torchvision data when ``cfg.path`` is not given. ``cfg.conditional=False`` drops the labels.
     """
     check_keys_read(cfg)
-    train, reference = SOURCES[cfg.name].load(cfg, seed, root)
+    train, reference = source(cfg.name).load(cfg, seed, root)
     if not cfg.conditional:
         train, reference = train.without_labels(), None if reference is None else reference.without_labels()
     return train, reference
@@ -39,15 +40,13 @@ def load_dataset(cfg: DataConfig, seed: int, root: str = "data") -> tuple[Datase
 def check_keys_read(cfg: DataConfig) -> None:
     """ConfigError for an unknown source, or a ``data.*`` key set away from its default that source
     ``cfg.name`` does not read."""
-    if cfg.name not in SOURCES:
-        raise ConfigError(f"unknown data set {cfg.name!r}; choose one of {', '.join(SOURCES)}")
-    source = SOURCES[cfg.name]
+    chosen = source(cfg.name)
     for spec in dataclasses.fields(DataConfig):
         key, value = spec.name, getattr(cfg, spec.name)
-        if key in ("name", "conditional", *source.reads) or value == spec.default:
+        if key in ("name", "conditional", *chosen.reads) or value == spec.default:
             continue
-        reads = ", ".join(f"data.{k}" for k in source.reads) or "no other data key"
-        raise ConfigError(f"data.{key}={value!r} is not read by data.name={cfg.name} ({source.about}; it reads {reads}); "
+        reads = ", ".join(f"data.{k}" for k in chosen.reads) or "no other data key"
+        raise ConfigError(f"data.{key}={value!r} is not read by data.name={cfg.name} ({chosen.about}; it reads {reads}); "
                           f"{_likely_fix(key, value)}")
 
 
@@ -60,7 +59,7 @@ def _likely_fix(key: str, value) -> str:
         if guess:
             alternative = " (or data.name=npz for uint8 images)" if path.suffix.lower() in (".npy", ".npz") else ""
             return f"did you mean data.name={guess}{alternative}?"
-    readers = sorted({"a toy distribution" if s is _TOY else n for n, s in SOURCES.items() if key in s.reads})
+    readers = sorted({"a toy distribution" if s is _TOY else n for n, s in sources().items() if key in s.reads})
     return f"remove data.{key}, or choose a data.name that reads it: {', '.join(readers)}"
 
 
@@ -136,26 +135,32 @@ class Source:
     kind: str = "images"
 
 
+def sources() -> dict[str, Source]:
+    """Every data source by ``data.name``, in registration order (the registry of :mod:`meanflow.options`)."""
+    return opts.components("data")
+
+
+def source(name: str) -> Source:
+    """The source registered as ``name``; ConfigError listing the sources."""
+    if name not in opts.kinds("data"):
+        raise ConfigError(f"unknown data set {name!r}; choose one of {', '.join(opts.kinds('data'))}")
+    return opts.lookup("data", name)
+
+
 _IMAGE_KEYS = ("image_size", "flip", "augment")  # augment: EDM augmentation of pixels (trainer)
 _TOY = Source(_load_toy, ("num_samples", "holdout"), "a built-in toy distribution", "points")
-SOURCES: dict[str, Source] = {
-    **{name: _TOY for name in TOY_DATASETS},
-    "points": Source(_load_points, ("path", "holdout"), "points from a .npy/.npz/.csv file", "points"),
-    "digits": Source(_load_digits, _IMAGE_KEYS, "scikit-learn's digits images"),
-    "folder": Source(_load_folder, ("path", *_IMAGE_KEYS), "an image folder"),
-    "npz": Source(_load_npz, ("path", *_IMAGE_KEYS), "images from a .npz/.npy file"),
-    "cifar10": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "CIFAR-10 through torchvision"),
-    "mnist": Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "MNIST through torchvision"),
-    "latents": Source(_load_latents, ("path", "image_size", "flip", "latent_norm"), "a VAE latent cache from meanflow encode",
-                      "latents"),
-}
-for _name, _source in SOURCES.items():
-    register_data_source(_name, _source.reads)
-DATASETS = tuple(SOURCES)
+for _name in TOY_DATASETS:
+    opts.register("data", _name, _TOY)
+opts.register("data", "points", Source(_load_points, ("path", "holdout"), "points from a .npy/.npz/.csv file", "points"))
+opts.register("data", "digits", Source(_load_digits, _IMAGE_KEYS, "scikit-learn's digits images"))
+opts.register("data", "folder", Source(_load_folder, ("path", *_IMAGE_KEYS), "an image folder"))
+opts.register("data", "npz", Source(_load_npz, ("path", *_IMAGE_KEYS), "images from a .npz/.npy file"))
+opts.register("data", "cifar10", Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "CIFAR-10 through torchvision"))
+opts.register("data", "mnist", Source(_load_torchvision, ("path", "download", *_IMAGE_KEYS), "MNIST through torchvision"))
+opts.register("data", "latents", Source(_load_latents, ("path", "image_size", "flip", "latent_norm"),
+                                        "a VAE latent cache from meanflow encode", "latents"))
 
 __all__ = [
-    "DATASETS",
-    "SOURCES",
     "KINDS",
     "TOY_DATASETS",
     "Dataset",
@@ -169,6 +174,8 @@ __all__ = [
     "load_torchvision",
     "random_flip",
     "sample_toy",
+    "source",
+    "sources",
     "save_grid",
     "save_points_plot",
     "to_uint8",

@@ -13,9 +13,10 @@ from torch import nn
 
 from .. import objectives
 from ..config import Config, ConfigError, load_config
-from ..data import SOURCES, load_dataset
+from ..data import load_dataset, source
 from ..metrics.pointcloud import class_sliced_wasserstein, energy_distance, histogram_tv, sliced_wasserstein
-from ..models.loading import OFFICIAL_SUFFIXES, load_model
+from ..models.loading import load_model
+from ..models.pretrained import PretrainedError, detect
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
 from ..sampling import generate, nfe
@@ -100,7 +101,7 @@ def check_eval_config(cfg: Config, data_kind: str) -> None:
 def check_scored(cfg: Config) -> None:
     """ConfigError for a run that no metric applies to (image data, not digits, no ``eval.fid_stats``), for callers
     that need metrics (a sweep tabulates them); known from the config alone, before any training."""
-    if SOURCES[cfg.data.name].kind != "points" and not image_metrics(cfg.data.name, cfg.eval.fid_stats):
+    if source(cfg.data.name).kind != "points" and not image_metrics(cfg.data.name, cfg.eval.fid_stats):
         raise ConfigError(f"a sweep tabulates metrics, but runs on data.name={cfg.data.name} have none: {NO_IMAGE_METRIC}")
 
 
@@ -119,16 +120,17 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     :func:`save_preview`), from the same model.
     ``omega`` / ``interval``: guidance inputs of iMF-style models; None takes the run's ``eval.omega`` /
     ``eval.interval``, and where those are null the model's own defaults.
-    A released iMF checkpoint (``*.pth``) has no run around it: it is scored with FID / IS against
-    ``fid_stats`` at ``steps`` (default 1) NFE on ``num`` (default 50000) samples.
+    Released weights (another format than our runs', recognised by content: e.g. the iMF ``.pth``
+    files) have no run around them: they are scored with FID / IS against ``fid_stats`` at ``steps``
+    (default 1) NFE on ``num`` (default 50000) samples.
     ``ema``: EMA (True) or raw (False) weights; None takes the run's ``eval.ema``; ``fid_stats``
     None takes the run's ``eval.fid_stats``.
     ``allow_unscored``: an image run that no metric applies to (not digits, no FID statistics) gets
     empty results and a ``note`` saying how to score it, instead of an error (the end of training).
     """
     info = info or D.setup(str(device))
-    if Path(run).suffix in OFFICIAL_SUFFIXES:
-        return _evaluate_official(Path(run), steps or [1], num or 50_000, seed or 0, fid_stats, inception_weights, batch_size or 250,
+    if _is_released(run):
+        return _evaluate_released(Path(run), steps or [1], num or 50_000, seed or 0, fid_stats, inception_weights, batch_size or 250,
                                   save_samples, info, {"omega": omega, "interval": interval})
     directory = ckpt.resolve_checkpoint(run)
     cfg = load_config(str(directory / "config.yaml"))
@@ -163,13 +165,24 @@ def evaluate_run(run: str | Path, steps: list[int] | None = None, num: int | Non
     return {**header, "processes": info.world_size, "results": evaluate_images(model, meta, train_set, reference, plan, num, seed, info, **options)}
 
 
-def _evaluate_official(path: Path, steps: list[int], num: int, seed: int, fid_stats: str | None, inception_weights: str | None,
+def _is_released(path: str | Path) -> bool:
+    """Whether ``path`` holds weights in another format than our runs' (decided by content); False for a
+    path no format reads (the run path then explains what is wrong with it)."""
+    try:
+        return detect(path) != "meanflow-run"
+    except (FileNotFoundError, PretrainedError):
+        return False
+
+
+def _evaluate_released(path: Path, steps: list[int], num: int, seed: int, fid_stats: str | None, inception_weights: str | None,
                        batch_size: int, save_samples: str | None, info, guidance: dict) -> dict[str, Any]:
-    """FID / IS of a released iMF checkpoint (no run directory, no held-out data: ``fid_stats`` is required)."""
+    """FID / IS of released weights (no run directory, no held-out data: ``fid_stats`` is required)."""
     if not fid_stats:
-        raise ValueError(f"{str(path)!r} is a released iMF checkpoint without reference data: pass --fid-stats REF.npz (ImageNet 256 statistics)")
+        raise ValueError(f"{str(path)!r} holds released weights ({detect(path)}) without reference data: pass --fid-stats REF.npz "
+                         "(statistics of the data they were trained on, e.g. ImageNet 256)")
     model, meta = load_model(path, device=info.device)
-    header = {"checkpoint": str(path), "step": None, "weights": "released", "objective": "imf", "data": "imagenet", "num_samples": num, "seed": seed}
+    header = {"checkpoint": str(path), "step": None, "weights": "released", "objective": meta["objective"],
+              "data": meta["data"]["name"], "num_samples": num, "seed": seed}
     results = evaluate_images(model, meta, None, None, [("meanflow", k) for k in steps], num, seed, info, fid_stats=fid_stats,
                               inception_weights=inception_weights, batch_size=batch_size, save_samples=save_samples, **guidance)
     return {**header, "processes": info.world_size, "results": results}

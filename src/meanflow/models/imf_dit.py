@@ -39,10 +39,11 @@ PREFIX = (("class", 8), ("omega", 4), ("t_min", 2), ("t_max", 2), ("time", 4))
 
 
 def rope_angles(head_dim: int, tokens: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles n * theta^(-2i / head_dim): (tokens, head_dim / 2) each."""
+    """cos and sin of the rotary angles n * theta^(-2i / head_dim): (tokens, head_dim / 2) each, float64
+    (the network casts them to its weights' dtype, so a float64 network is float64 throughout)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
     angles = torch.arange(tokens, dtype=torch.float64)[:, None] * freqs[None]  # (tokens, d/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 class SwiGLU(nn.Module):
@@ -169,7 +170,7 @@ class IMFDiT(nn.Module):
         self.time_tokens = nn.Parameter(torch.empty(counts["time"], hidden))
         self.prefix_tokens = sum(counts.values())
         cos, sin = rope_angles(hidden // heads, self.prefix_tokens + self.grid[0] * self.grid[1])
-        self.register_buffer("rope_cos", cos, persistent=False)  # (L, d_h / 2)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (L, d_h / 2), float64 until the model is cast
         self.register_buffer("rope_sin", sin, persistent=False)
         block = lambda: IMFBlock(hidden, heads, mlp_ratio, attention_backend)  # noqa: E731
         self.shared_blocks = nn.ModuleList(block() for _ in range(depth - head_depth))
@@ -190,25 +191,10 @@ class IMFDiT(nn.Module):
 
     def reset_parameters(self, token_init: float = 1.0, embedding_init: float = 1.0, weight_init: float = 0.32) -> None:
         """The official initialisation (``TorchLinear`` "scaled_variance", zero gates and outputs)."""
-        hidden = self.class_tokens.shape[1]
-        for tokens in (self.class_tokens, self.omega_tokens, self.t_min_tokens, self.t_max_tokens, self.time_tokens):
-            nn.init.normal_(tokens, std=token_init / math.sqrt(hidden))
-        nn.init.normal_(self.y_embedder.weight, std=embedding_init / math.sqrt(hidden))
-        for embedder in (self.h_embedder, self.omega_embedder, self.cfg_t_start_embedder, self.cfg_t_end_embedder):
-            for layer in (embedder.mlp[0], embedder.mlp[2]):
-                nn.init.normal_(layer.weight, std=embedding_init / math.sqrt(layer.in_features))
-                nn.init.zeros_(layer.bias)
-        for blocks in filter(None, (self.shared_blocks, self.u_heads, self.v_heads)):
-            for module in blocks.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=weight_init / math.sqrt(module.in_features))
+        init_in_context(self, token_init, embedding_init, weight_init)
         conv = self.x_embedder.proj
         nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(conv.bias)
-        for final in (self.u_final_layer, self.v_final_layer):
-            if final is not None:
-                nn.init.zeros_(final.linear.weight)
-                nn.init.zeros_(final.linear.bias)
 
     def forward(
         self,
@@ -232,35 +218,70 @@ class IMFDiT(nn.Module):
         if return_v and not self.has_v_head:
             raise ValueError("return_v=True needs the auxiliary v-head, but this iMF model was built without it (v_head=False, as for inference)")
         seq = self.sequence(z, t - r, labels, omega, t_min, t_max)  # (B, P + N, D)
+        rope = self.rope()
         for block in self.shared_blocks:
-            seq = block(seq, self.rope_cos, self.rope_sin)
-        u = self._head(self.u_heads, self.u_final_layer, seq)
+            seq = block(seq, *rope)
+        u = self._head(self.u_heads, self.u_final_layer, seq, rope)
         if not return_v:
             return u
-        return u, self._head(self.v_heads, self.v_final_layer, dual.primal(seq))
+        return u, self._head(self.v_heads, self.v_final_layer, dual.primal(seq), rope)
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables cos, sin (L, d_h / 2) in the dtype of the weights (built in float64)."""
+        dtype = self.x_embedder.proj.weight.dtype
+        return self.rope_cos.to(dtype), self.rope_sin.to(dtype)
 
     def sequence(self, z, h, labels, omega, t_min, t_max) -> torch.Tensor | Dual:
         """Prefix tokens (class, omega, t_min, t_max, h) then patch tokens: (B, P + N, D)."""
-        batch, like = z.shape[0], dual.primal(z)
-        if labels is None:
-            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=like.device)
-        omega, t_min, t_max = (_per_sample(value, default, batch, like, name) for value, default, name in
-                               ((omega, 1.0, "omega"), (t_min, 0.0, "t_min"), (t_max, 1.0, "t_max")))
-        groups = [
-            self.class_tokens + self.y_embedder(labels)[:, None],  # (B, 8, D)
-            self.omega_tokens + self.omega_embedder(1 - 1 / omega)[:, None],  # (B, 4, D)
-            self.t_min_tokens + self.cfg_t_start_embedder(t_min)[:, None],  # (B, 2, D)
-            self.t_max_tokens + self.cfg_t_end_embedder(t_max)[:, None],  # (B, 2, D)
-            self.h_embedder(h)[:, None] + self.time_tokens,  # (B, 4, D), a Dual for a Dual h
-            self.x_embedder(z),  # (B, N, D)
-        ]
-        return dual.cat(groups, dim=1)
+        return dual.cat([*prefix_groups(self, dual.primal(z), h, labels, omega, t_min, t_max), self.x_embedder(z)], dim=1)
 
-    def _head(self, blocks: nn.ModuleList, final: IMFFinalLayer, seq: torch.Tensor | Dual) -> torch.Tensor | Dual:
+    def _head(self, blocks: nn.ModuleList, final: IMFFinalLayer, seq: torch.Tensor | Dual,
+              rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | Dual:
         """Head blocks, then the final layer on the patch tokens: (B, P + N, D) -> (B, C, H, W)."""
         for block in blocks:
-            seq = block(seq, self.rope_cos, self.rope_sin)
+            seq = block(seq, *rope)
         return unpatchify(final(seq[:, self.prefix_tokens:]), self.grid, self.patch, self.in_channels)
+
+
+def prefix_groups(model: nn.Module, like: torch.Tensor, h, labels: torch.Tensor | None, omega, t_min, t_max) -> list:
+    """The in-context prefix of the iMF and pMF networks, in sequence order: class (B, 8, D), omega
+    (B, 4, D; the embedder sees 1 - 1/omega), t_min (B, 2, D), t_max (B, 2, D) and h (B, 4, D; a Dual
+    for a Dual h). ``like`` (B, ...) gives batch, dtype and device; None labels are the null class,
+    None omega / t_min / t_max are 1 / 0 / 1 (no guidance)."""
+    batch = like.shape[0]
+    if labels is None:
+        labels = torch.full((batch,), model.num_classes, dtype=torch.long, device=like.device)
+    omega, t_min, t_max = (_per_sample(value, default, batch, like, name) for value, default, name in
+                           ((omega, 1.0, "omega"), (t_min, 0.0, "t_min"), (t_max, 1.0, "t_max")))
+    return [
+        model.class_tokens + model.y_embedder(labels)[:, None],
+        model.omega_tokens + model.omega_embedder(1 - 1 / omega)[:, None],
+        model.t_min_tokens + model.cfg_t_start_embedder(t_min)[:, None],
+        model.t_max_tokens + model.cfg_t_end_embedder(t_max)[:, None],
+        model.h_embedder(h)[:, None] + model.time_tokens,
+    ]
+
+
+def init_in_context(model: nn.Module, token_init: float, embedding_init: float, weight_init: float) -> None:
+    """The official initialisation shared by the in-context DiTs (iMF, pMF), all but the patch embedder:
+    prefix tokens and label table ~ N(0, token_init or embedding_init / sqrt(D)), embedder weights
+    ~ N(0, embedding_init / sqrt(fan_in)) with zero biases, block weights ~ N(0, weight_init / sqrt(fan_in)),
+    final layers zero (the residual gates are built at zero)."""
+    hidden = model.class_tokens.shape[1]
+    for group, _ in PREFIX:
+        nn.init.normal_(getattr(model, f"{group}_tokens"), std=token_init / math.sqrt(hidden))
+    nn.init.normal_(model.y_embedder.weight, std=embedding_init / math.sqrt(hidden))
+    for embedder in (model.h_embedder, model.omega_embedder, model.cfg_t_start_embedder, model.cfg_t_end_embedder):
+        for layer in (embedder.mlp[0], embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=embedding_init / math.sqrt(layer.in_features))
+            nn.init.zeros_(layer.bias)
+    for blocks in filter(None, (model.shared_blocks, model.u_heads, model.v_heads)):
+        for module in blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=weight_init / math.sqrt(module.in_features))
+    for final in filter(None, (model.u_final_layer, model.v_final_layer)):
+        nn.init.zeros_(final.linear.weight)
+        nn.init.zeros_(final.linear.bias)
 
 
 def _per_sample(value: torch.Tensor | float | None, default: float, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:

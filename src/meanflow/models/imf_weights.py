@@ -13,16 +13,15 @@ latents (256 x 256 images), the default here.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.latents import DEFAULT_VAE, IMF_LATENT_MEAN, IMF_LATENT_STD
 from .imf_dit import IMF_PRESETS, IMFDiT
 from .registry import create
-from .weights import state_mismatch
+from .weights import fill_model
 
+OFFICIAL_VAE = "stabilityai/sd-vae-ft-mse"  # the SD-VAE (ft-mse) whose latents the released models take
 OFFICIAL_NAMES = {"imfDiT_B_2": "imf-b/2", "imfDiT_M_2": "imf-m/2", "imfDiT_L_2": "imf-l/2", "imfDiT_XL_2": "imf-xl/2"}
 UNUSED_PREFIX = "v_final_layer."
 _RENAMES = ((re.compile(r"\._flax_linear\."), "."), (re.compile(r"\.embedding_table\._flax_embedding\."), "."))
@@ -74,20 +73,14 @@ def official_preset(arch: dict[str, int]) -> str | None:
     return next((name for name, preset in IMF_PRESETS.items() if preset == size and arch["head_depth"] == 8), None)
 
 
-def load_official_imf(path: str | Path, preset: str | None = None, input_size: int = 32,
-                      device: str | torch.device = "cpu") -> IMFDiT:
-    """An eval-mode :class:`IMFDiT` (no v-head) holding the official iMF weights in ``path``.
+def official_imf_from_state(state: Any, source: str, preset: str | None = None, input_size: int = 32) -> IMFDiT:
+    """An eval-mode :class:`IMFDiT` (no v-head) holding the official iMF state dict ``state`` (``source`` names it
+    in errors; read by :mod:`meanflow.models.pretrained`, format ``imf-official``).
 
     The sizes are read off the weights; a file of an official size becomes that preset (its
     ``preset`` attribute selects the recommended sampling guidance), any other size an IMFDiT of
     those sizes. ``preset`` (e.g. ``"imf-b/2"``), when given, must be what the file holds.
     """
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return official_imf_from_state(state, str(path), preset, input_size).to(device)
-
-
-def official_imf_from_state(state: Any, source: str, preset: str | None = None, input_size: int = 32) -> IMFDiT:
-    """:func:`load_official_imf` on an already loaded object ``state`` (``source`` names it in errors)."""
     if not isinstance(state, dict) or not is_official_imf(state):
         raise ValueError(f"{source!r} is not an official iMF checkpoint (the state dict of iMeanFlow(eval=True), keys net.*)")
     state = rename_official(state)
@@ -120,18 +113,15 @@ def load_checked(model: IMFDiT, state: dict[str, torch.Tensor], source: str) -> 
     expected = model.state_dict()
     twins = {k: expected["u_final_layer." + k[len(UNUSED_PREFIX):]] for k in state
              if k.startswith(UNUSED_PREFIX) and "u_final_layer." + k[len(UNUSED_PREFIX):] in expected}
-    problems = state_mismatch({**expected, **twins}, state)
-    if problems:
-        raise ValueError(f"official iMF weights in {source} do not fit {getattr(model, 'preset', 'the iMF model')}: " + " | ".join(problems))
-    model.load_state_dict({k: v for k, v in state.items() if k not in twins})
+    fill_model(model, state, f"official iMF weights in {source}", target=model.preset or "the iMF model", spare=twins, shown=10)
 
 
 def official_meta(model: IMFDiT) -> dict:
     """Checkpoint meta (as a run records it) for a released iMF model: ImageNet 256 as SD-VAE ft-mse
-    latents with iMF's per-channel normalisation, so ``meanflow sample`` decodes its samples."""
+    latents with iMF's per-channel normalisation, named (``latent_norm: imf``; the data floor holds
+    its statistics), so ``meanflow sample`` decodes its samples."""
     channels, (height, width) = model.in_channels, model.input_size
-    info = {"source": "latents", "vae": DEFAULT_VAE, "image_size": 8 * height, "latent_norm": "imf",
-            "latent_mean": list(IMF_LATENT_MEAN), "latent_std": list(IMF_LATENT_STD)}
+    info = {"source": "latents", "vae": OFFICIAL_VAE, "image_size": 8 * height, "latent_norm": "imf"}
     return {"format": 1, "source": "official iMF checkpoint", "step": None, "objective": "imf",
             "model": {"name": model.preset, "kwargs": {"v_head": False}},
             "data": {"name": "imagenet", "kind": "latents", "sample_shape": [channels, height, width],

@@ -1,4 +1,5 @@
-"""Build a model from its recorded spec, size a preset from the data, load a trained model from a run.
+"""Build a model from its recorded spec, size a preset from the data, load a trained model (any format
+:mod:`meanflow.models.pretrained` reads) with its meta.
 
 The spec ``{"name", "kwargs"}`` is what a checkpoint's ``meta.json`` records under ``"model"``
 (file layout: :mod:`meanflow.runtime.checkpoint`).
@@ -12,11 +13,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..runtime import checkpoint as ckpt
-from .imf_weights import load_official_imf, official_meta
+from .pretrained import load_pretrained
 from .registry import available, create, family
-
-OFFICIAL_SUFFIXES = (".pth", ".pt")  # released iMF weights (torch.save of a state dict)
 
 
 def data_kwargs(name: str, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -64,22 +62,11 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(eval-mode model, checkpoint meta) from a run dir, checkpoint dir or ``*.safetensors`` file.
+    """(eval-mode model, checkpoint meta) from anything :func:`~meanflow.models.pretrained.load_pretrained`
+    reads: a run dir, checkpoint dir or weights file of ours, released iMF weights, ...
 
-    ``ema=True`` loads ``ema.safetensors`` (the field's convention for reported numbers); a
-    ``*.safetensors`` path loads exactly that file; a ``*.pth`` / ``*.pt`` file is read as a released
-    iMF checkpoint (:mod:`meanflow.models.imf_weights`).
+    ``ema=True`` takes the EMA weights (the field's convention for reported numbers), else the raw
+    ones; the meta is the checkpoint's ``meta.json``, or what an import would record for the format.
     """
-    path = Path(path)
-    if path.suffix in OFFICIAL_SUFFIXES and path.is_file():
-        model = load_official_imf(path, device=device)
-        return model, official_meta(model)
-    directory = ckpt.resolve_checkpoint(path)
-    meta = ckpt.read_meta(directory)
-    weights_file = path if path.suffix == ".safetensors" else directory / ("ema.safetensors" if ema else "model.safetensors")
-    model = build_model(meta["model"])
-    try:
-        model.load_state_dict(ckpt.read_weights(weights_file))
-    except RuntimeError as err:
-        raise RuntimeError(f"weights in {weights_file} do not match the model recorded in {directory}/meta.json: {err}") from err
-    return model.to(device).eval(), meta
+    loaded = load_pretrained(path, weights="ema" if ema else "model")
+    return loaded.model.to(device), loaded.run_meta()

@@ -1,10 +1,14 @@
-"""Load released or earlier weights into our networks: ``from_pretrained(path)``.
+"""Load released or earlier weights into our networks: ``from_pretrained(path)``, the one weights
+reader behind ``meanflow sample``, ``meanflow eval``, ``train --init`` and ``meanflow import``.
 
 A small registry of checkpoint *formats*, each a ``detect`` (is this file or folder mine?) and a
 ``load`` (build our network and fill it), tried in registration order. The format found, the
 weights taken (EMA or raw) and, for initialisations, the key table are stated, never guessed
-silently. Loading is all-or-nothing: every tensor of the new network is filled from the file with
-its exact shape, or an error names what is missing, extra or mis-shaped, and no model is returned.
+silently. Formats are recognised by content (file headers, keys, folder layout), never by a file
+name's suffix alone. Loading is all-or-nothing: every tensor of the new network is filled from the
+file with its exact shape (:func:`meanflow.models.weights.fill_model`), or an error names what is
+missing, extra or mis-shaped, and no model is returned. Each :class:`Loaded` carries the meta a run
+records (``Loaded.run_meta()``), so sampling and evaluation take any format.
 
 =====================  =====================================================================
 format                 what it reads
@@ -24,7 +28,14 @@ format                 what it reads
 ``imf-official``       the released iMF weights ``iMF-{B,M,L,XL}-2.pth`` (Lyy-iiis/imeanflow,
                        branch ``torch``): the state dict of ``iMeanFlow(eval=True)``, keys ``net.*``
                        (:mod:`meanflow.models.imf_weights`); option ``input_size`` (default 32)
+``pmf-official``       the released pMF checkpoints (Lyy-iiis/pMF): flax Orbax directories of the
+                       pMF MiT (:mod:`meanflow.models.pmf_weights`, registered before
+                       ``flax-meanflow``)
 =====================  =====================================================================
+
+A zip archive of a checkpoint directory (the official JAX releases, as downloaded) is unpacked into
+a temporary directory for the load. ``from_pretrained("owner/repo", filename="file")`` fetches a
+file of the Hugging Face hub into huggingface_hub's cache first (:mod:`meanflow.models.hub`).
 
 Pickled files are opened with ``torch.load(weights_only=True)``: tensors and plain types only,
 plus ``argparse.Namespace`` (the official ``args``); a file that asks for anything else is refused.
@@ -37,6 +48,8 @@ import inspect
 import json
 import pickle
 import re
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -49,18 +62,15 @@ from torch import nn
 from ..config import load_config, save_config
 from ..runtime import checkpoint as ckpt
 from .dit import DIT_PRESETS, sincos_2d
-from .imf_weights import is_official_imf, official_architecture, official_imf_from_state, official_spec_kwargs, rename_official
-from .loading import build_model
-from .registry import available
-from .weights import state_mismatch
+from .hub import hub_file
+from .imf_weights import (OFFICIAL_VAE, is_official_imf, official_architecture, official_imf_from_state, official_meta,
+                          official_spec_kwargs, rename_official)
+from .registry import available, create
 from .unet import fir_kernel
+from .weights import PretrainedError, fill_model
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
 WEIGHTS = ("ema", "model")
-
-
-class PretrainedError(ValueError):
-    """A checkpoint could not be read or does not fit the network; the message says why and what to do."""
 
 
 @dataclass
@@ -69,7 +79,9 @@ class Loaded:
 
     model: the network (eval mode); spec: ``{"name", "kwargs"}`` to rebuild it; format: the format's
     name; weights: which weights of the file were taken, in words; table: (source key, our key,
-    status) rows for initialisations (status "mapped", "new: ...", "dropped: ..."); info: extra facts.
+    status) rows for initialisations (status "mapped", "new: ...", "dropped: ..."); info: extra facts;
+    meta: what a run's checkpoint records (``meta.json``: model, objective, data), when the format
+    knows it (our runs, released iMF weights); see :meth:`run_meta`.
     """
 
     model: nn.Module
@@ -78,6 +90,21 @@ class Loaded:
     weights: str
     table: list[tuple[str, str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] | None = None
+
+    def run_meta(self, vae: str | None = None) -> dict[str, Any]:
+        """The checkpoint meta of these weights: the file's own, else the data an import records for the
+        network's family (:data:`IMPORT_DATA`; ``vae``: the VAE to decode latents with)."""
+        if self.meta is not None:
+            return self.meta
+        family = self.spec["name"].split("-")[0]
+        if family not in IMPORT_DATA:
+            raise PretrainedError(f"no data description for {self.spec['name']} weights (known families: {', '.join(IMPORT_DATA)})")
+        data = IMPORT_DATA[family][1]
+        kwargs = self.spec["kwargs"]
+        data = {**data, "sample_shape": [kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]],
+                "num_classes": kwargs.get("num_classes", 0), "info": {**data["info"], **({"vae": vae} if vae else {})}}
+        return {"format": 1, "model": self.spec, "objective": "meanflow", "data": data, "step": None}
 
     def describe(self) -> str:
         """One line: the format and the weights taken."""
@@ -101,13 +128,43 @@ class Source:
             raise FileNotFoundError(f"no checkpoint at {self.path}")
 
     @cached_property
-    def is_torch_file(self) -> bool:
-        """A file written by ``torch.save`` (zip container or the legacy pickle stream)."""
+    def head(self) -> bytes:
+        """The first 4 bytes of a file (b"" for a directory)."""
         if not self.path.is_file():
-            return False
+            return b""
         with self.path.open("rb") as f:
-            head = f.read(4)
-        return head.startswith(b"PK") or head[:1] == b"\x80"
+            return f.read(4)
+
+    @cached_property
+    def is_torch_file(self) -> bool:
+        """A file written by ``torch.save`` (zip container holding ``data.pkl``, or the legacy pickle stream)."""
+        return self.head[:1] == b"\x80" or (self.head.startswith(b"PK") and _holds_pickle(self.path))
+
+    @cached_property
+    def unpacked(self) -> Path:
+        """The path itself, or for a zip archive that is not a torch.save file the directory it
+        unpacks to (a temporary directory, removed with this Source; a single top folder is entered)."""
+        if not self.head.startswith(b"PK") or self.is_torch_file:
+            return self.path
+        self._unzipped = tempfile.TemporaryDirectory(prefix="meanflow-unzip-")
+        root = Path(self._unzipped.name)
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                archive.extractall(root)
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise PretrainedError(f"{self.path} is a zip archive that cannot be unpacked ({type(err).__name__}: {err}); download it again") from None
+        entries = [e for e in root.iterdir() if e.name != "__MACOSX"]
+        return entries[0] if len(entries) == 1 and entries[0].is_dir() else root
+
+    @cached_property
+    def flax_checkpoint(self) -> Path | None:
+        """The flax checkpoint (Orbax directory or msgpack file) this source holds, or None."""
+        return None if self.is_torch_file else _flax_checkpoint(self.unpacked)
+
+    @cached_property
+    def flax_tree(self) -> dict[str, Any]:
+        """The nested keys of the flax checkpoint, leaves with ``.shape`` (Orbax: metadata only, no array read)."""
+        return flax_tree(self.flax_checkpoint)
 
     @cached_property
     def torch_payload(self) -> Any:
@@ -128,11 +185,16 @@ class Format:
 FORMATS: dict[str, Format] = {}
 
 
-def register_format(fmt: Format) -> Format:
-    """Add a format; formats are tried in registration order."""
+def register_format(fmt: Format, before: str | None = None) -> Format:
+    """Add a format; formats are tried in registration order, or just before the format ``before``."""
     if fmt.name in FORMATS:
         raise ValueError(f"checkpoint format {fmt.name!r} is registered twice")
-    FORMATS[fmt.name] = fmt
+    if before is not None and before not in FORMATS:
+        raise ValueError(f"cannot register {fmt.name!r} before unknown format {before!r}")
+    order = list(FORMATS.items())
+    at = len(order) if before is None else [name for name, _ in order].index(before)
+    FORMATS.clear()
+    FORMATS.update(order[:at] + [(fmt.name, fmt)] + order[at:])
     return fmt
 
 
@@ -146,17 +208,24 @@ def detect(path: str | Path) -> str:
 
 
 def load_pretrained(path: str | Path, preset: str | None = None, weights: str = "ema", format: str | None = None,
-                    **options: Any) -> Loaded:
+                    filename: str | None = None, revision: str | None = None, **options: Any) -> Loaded:
     """Read ``path`` into one of our networks (see the module docstring for the formats).
 
     Args:
+        path: a local file or directory, or with ``filename`` a Hugging Face hub repository id.
         preset: our preset to build (``meanflow.models.available()``); default: the one the file
             implies. A file of another architecture or size than the preset is an error.
         weights: "ema" (default: the main EMA network) or "model" (the raw weights). py-meanflow
-            files also take "ema1", "ema2", ... (their extra EMAs).
+            files also take "ema1", "ema2", ... (their extra EMAs); pMF files "ema500", "ema1000" ...
         format: skip detection and use this format.
+        filename, revision: the file of hub repository ``path`` (and its branch, tag or commit),
+            fetched into huggingface_hub's cache (:func:`meanflow.models.hub.hub_file`).
         options: format options (dit-pytorch: ``h_embed="copy"|"zero"``).
     """
+    if filename is not None:
+        path = hub_file(str(path), filename, revision)
+    elif revision is not None:
+        raise PretrainedError("revision= selects a version of a hub file: pass filename= too")
     source = Source(path)
     if preset is not None and preset.lower() not in available():
         raise PretrainedError(f"unknown preset {preset!r}; available: {', '.join(available())}")
@@ -172,9 +241,14 @@ def load_pretrained(path: str | Path, preset: str | None = None, weights: str = 
     return loaded
 
 
-def from_pretrained(path: str | Path, preset: str | None = None, weights: str = "ema", verbose: bool = True, **options: Any) -> nn.Module:
-    """Our network filled from ``path`` (eval mode); prints the format and the weights taken (and the key table)."""
-    loaded = load_pretrained(path, preset, weights, **options)
+def from_pretrained(path: str | Path, preset: str | None = None, weights: str = "ema", verbose: bool = True,
+                    filename: str | None = None, revision: str | None = None, **options: Any) -> nn.Module:
+    """Our network filled from ``path`` (eval mode); prints the format and the weights taken (and the key table).
+
+    ``from_pretrained("Lyy0725/pMF", filename="pMF-B-16.zip")`` reads a file of the Hugging Face hub
+    (see :func:`load_pretrained`).
+    """
+    loaded = load_pretrained(path, preset, weights, filename=filename, revision=revision, **options)
     if verbose:
         print(loaded.describe())
         if loaded.table:
@@ -182,11 +256,18 @@ def from_pretrained(path: str | Path, preset: str | None = None, weights: str = 
     return loaded.model
 
 
+def load_official_imf(path: str | Path, preset: str | None = None, input_size: int = 32,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """An eval-mode iMF network (no v-head) holding the released iMF weights in ``path`` (format
+    ``imf-official``, :mod:`meanflow.models.imf_weights`); ``preset``, when given, must be what the file holds."""
+    return load_pretrained(path, preset, format="imf-official", input_size=input_size).model.to(device)
+
+
 # What an imported run records about its data: (config preset, data meta), by network family.
 IMPORT_DATA = {
     "unet": ("cifar10", {"name": "cifar10", "kind": "images", "info": {}}),
     "dit": ("imagenet-b4", {"name": "latents", "kind": "latents",
-                            "info": {"vae": "stabilityai/sd-vae-ft-mse", "latent_scale": 0.18215, "latent_shift": 0.0}}),
+                            "info": {"vae": OFFICIAL_VAE, "latent_scale": 0.18215, "latent_shift": 0.0}}),
 }
 
 
@@ -204,18 +285,16 @@ def save_as_run(loaded: Loaded, out: str | Path, vae: str | None = None) -> Path
     family = loaded.spec["name"].split("-")[0]
     if family not in IMPORT_DATA:
         raise PretrainedError(f"no data description for {loaded.spec['name']} imports (known families: {', '.join(IMPORT_DATA)})")
-    preset, data = IMPORT_DATA[family]
+    meta = dict(loaded.run_meta(vae))
     kwargs = loaded.spec["kwargs"]
-    data = {**data, "sample_shape": [kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]],
-            "num_classes": kwargs.get("num_classes", 0), "info": {**data["info"], **({"vae": vae} if vae else {})}}
-    cfg = load_config(preset, [f"model.name={loaded.spec['name']}", "model.kwargs={}", "train.steps=1"])
+    cfg = load_config(IMPORT_DATA[family][0], [f"model.name={loaded.spec['name']}", "model.kwargs={}", "train.steps=1"])
     cfg.model.kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size", "num_classes")}
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     weights = loaded.model.state_dict()
     record = {"source": str(loaded.info.get("source", "")), "format": loaded.format, "weights": loaded.weights,
               "table": [list(row) for row in loaded.table]}
-    meta = {"format": 1, "model": loaded.spec, "objective": "meanflow", "data": data, "step": 0, "imported": record}
+    meta |= {"step": 0, "imported": record}
     ckpt.save_checkpoint(out / "checkpoints", 0, {"model.safetensors": weights, "ema.safetensors": weights,
                                                   "meta.json": meta, "config.yaml": (out / "config.yaml").read_text()}, keep=1)
     (out / "import.json").write_text(json.dumps(record, indent=2))
@@ -250,26 +329,34 @@ def safe_torch_load(path: Path) -> Any:
         raise PretrainedError(f"{path} is not a complete torch.save file (truncated or corrupt): {err}") from None
 
 
+def _holds_pickle(path: Path) -> bool:
+    """Whether a zip file is a torch.save container (it holds ``<name>/data.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):  # damaged (truncated): the first entries' local headers still name them
+        with path.open("rb") as f:
+            return b"data.pkl" in f.read(1 << 20)
+
+
 def _tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value).copy())
 
 
-def fill(spec: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """A new network built from ``spec`` whose every tensor comes from ``state``, with exact shapes.
-
-    Raises PretrainedError naming the missing, unexpected and mis-shaped keys (nothing is loaded then).
-    """
+def build(spec: dict[str, Any], what: str) -> nn.Module:
+    """A freshly initialised network of ``spec`` ``{"name", "kwargs"}``; PretrainedError naming ``what`` if it cannot be built."""
     try:
-        model = build_model(spec)
+        return create(spec["name"], **spec["kwargs"])
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{what}: cannot build {spec['name']} {spec['kwargs']}: {err}") from None
-    own = model.state_dict()
-    problems = state_mismatch(own, state, shown=3)
-    if problems:
-        raise PretrainedError(f"{what} does not fit {spec['name']} {spec['kwargs']}: " + " | ".join(problems)
-                              + ". It is another architecture or size: pass the matching preset (meanflow models).")
-    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True)
-    return model
+
+
+def fill(spec: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """A new network built from ``spec`` whose every tensor comes from ``state``, with exact shapes
+    (:func:`~meanflow.models.weights.fill_model`: PretrainedError naming the missing, unexpected and
+    mis-shaped keys, nothing loaded)."""
+    return fill_model(build(spec, what), state, what, "it is another architecture or size: pass the matching preset (meanflow models)",
+                      target=f"{spec['name']} {spec['kwargs']}")
 
 
 def _check_weights(weights: str, allowed: tuple[str, ...]) -> None:
@@ -279,10 +366,19 @@ def _check_weights(weights: str, allowed: tuple[str, ...]) -> None:
 
 # Format: our own runs --------------------------------------------------------------------------
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file by content: an 8-byte little-endian header length, then a JSON header."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
 def _is_run(source: Source) -> bool:
     path = source.path
-    if path.suffix == ".safetensors":
-        return (path.parent / "meta.json").exists()
+    if path.is_file():
+        return _is_safetensors(path) and (path.parent / "meta.json").exists()
     if not path.is_dir():
         return False
     try:
@@ -299,10 +395,11 @@ def _load_run(source: Source, preset: str | None, weights: str) -> Loaded:
     spec = meta["model"]
     if preset is not None and preset != spec["name"]:
         raise PretrainedError(f"{directory} holds a {spec['name']} model, not {preset}; drop the preset or pass {spec['name']}")
-    file = source.path if source.path.suffix == ".safetensors" else directory / f"{weights}.safetensors"
-    model = fill(spec, ckpt.read_weights(file), str(file))
+    file = source.path if source.path.is_file() else directory / f"{weights}.safetensors"
+    model = fill_model(build(spec, str(file)), ckpt.read_weights(file), f"weights in {file}",
+                       f"the model recorded in {directory}/meta.json is another one (different model config?)")
     taken = f"{file.name} (step {meta.get('step')})"
-    return Loaded(model, spec, "meanflow-run", taken, info={"meta": meta, "checkpoint": str(directory)})
+    return Loaded(model, spec, "meanflow-run", taken, info={"meta": meta, "checkpoint": str(directory)}, meta=meta)
 
 
 register_format(Format("meanflow-run", "our run / checkpoint directories and weights files", _is_run, _load_run))
@@ -380,7 +477,7 @@ def _load_py_meanflow(source: Source, preset: str | None, weights: str) -> Loade
     if args is not None and hasattr(args, "dropout"):
         kwargs["dropout"] = float(args.dropout)
     spec = {"name": preset or "unet-cifar10", "kwargs": kwargs}
-    model = build_model(spec)
+    model = build(spec, str(source.path))
     prefixes = official_unet_names(model)
     renamed = {}
     for ours in model.state_dict():
@@ -474,28 +571,85 @@ def _flax_checkpoint(path: Path) -> Path | None:
 
 
 def _is_flax(source: Source) -> bool:
-    return not source.is_torch_file and _flax_checkpoint(source.path) is not None
+    return source.flax_checkpoint is not None
 
 
-def read_flax_state(path: Path) -> dict[str, Any]:
-    """The restored state dict (nested dicts of arrays) of a flax checkpoint; needs flax (``meanflow[jax]``)."""
-    try:
-        from flax.training import checkpoints  # noqa: PLC0415 (optional dependency)
-    except ImportError:
-        raise PretrainedError(f"{path} is a JAX (flax) checkpoint; reading it needs flax: pip install 'meanflow[jax]'") from None
-    target = _flax_checkpoint(path)
+Prune = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def read_flax_state(path: Path, keep: Prune | None = None) -> dict[str, Any]:
+    """The restored state dict (nested dicts of numpy arrays) of a flax checkpoint; needs ``meanflow[jax]``.
+
+    ``path`` may be relative (Orbax itself takes only absolute paths). ``keep`` maps the checkpoint's
+    tree (:func:`flax_tree`) to the part to read: an Orbax checkpoint then reads only those arrays
+    (one EMA of a training state, not its optimizer state); a msgpack file is read whole and pruned.
+    """
+    target = _flax_target(path)
     try:
         if target.is_file():
-            from flax import serialization  # noqa: PLC0415
+            state = _read_msgpack(target)
+            return keep(state) if keep else state
+        return _read_orbax(target, keep)
+    except PretrainedError:
+        raise
+    except Exception as err:  # flax / orbax / msgpack raise many types; their message names the cause
+        raise PretrainedError(f"{target} could not be read as a flax checkpoint: {type(err).__name__}: {err}") from None
 
-            state = serialization.msgpack_restore(target.read_bytes())
-        else:
-            state = checkpoints.restore_checkpoint(str(target), target=None)
-    except Exception as err:  # flax / orbax / msgpack raise many types for damaged files
-        raise PretrainedError(f"{target} could not be read as a flax checkpoint (truncated or corrupt?): {type(err).__name__}: {err}") from None
+
+def flax_tree(path: Path) -> dict[str, Any]:
+    """The nested keys of a flax checkpoint, each leaf with a ``.shape``: Orbax metadata (no array is
+    read), or the arrays of a msgpack file."""
+    target = _flax_target(path)
+    try:
+        return _read_msgpack(target) if target.is_file() else _orbax_metadata(target)
+    except PretrainedError:
+        raise
+    except Exception as err:
+        raise PretrainedError(f"{target} could not be read as a flax checkpoint: {type(err).__name__}: {err}") from None
+
+
+def _flax_target(path: Path) -> Path:
+    """The checkpoint at ``path`` as an absolute path; flax and Orbax must be importable."""
+    try:
+        import flax  # noqa: F401, PLC0415 (optional dependency)
+        import orbax.checkpoint  # noqa: F401, PLC0415
+    except ImportError as err:
+        raise PretrainedError(f"{path} is a JAX (flax) checkpoint; reading it needs {err.name}: pip install 'meanflow[jax]'") from None
+    target = _flax_checkpoint(Path(path).resolve())
+    if target is None:
+        raise PretrainedError(f"{path} is not a flax checkpoint (no Orbax directory, msgpack file or checkpoint_<step> in it)")
+    return target
+
+
+def _read_msgpack(target: Path) -> dict[str, Any]:
+    from flax import serialization  # noqa: PLC0415
+
+    state = serialization.msgpack_restore(target.read_bytes())
     if not isinstance(state, dict):
         raise PretrainedError(f"{target} does not hold a state dict (got {type(state).__name__})")
     return state
+
+
+def _orbax_metadata(target: Path) -> dict[str, Any]:
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    meta = ocp.PyTreeCheckpointer().metadata(str(target))
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)  # StepMetadata (newer Orbax) or the tree
+    if not isinstance(tree, dict):
+        raise PretrainedError(f"{target} does not hold a state dict (got {type(tree).__name__})")
+    return tree
+
+
+def _read_orbax(target: Path, keep: Prune | None) -> dict[str, Any]:
+    """The arrays of ``keep(tree)`` (all without ``keep``) as numpy arrays, whatever sharding they were saved with."""
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    tree = _orbax_metadata(target)
+    wanted = keep(tree) if keep else tree
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    request = ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=keep is not None)
+    return ocp.PyTreeCheckpointer().restore(str(target), args=request)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -506,34 +660,44 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def flax_dit_state(params: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The official JAX DiT's params (``{"net": ...}``) -> our DiT state dict (names and layouts).
+def torch_layout(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Flax params (nested) -> flat torch names and layouts, float32, for the official JAX networks.
 
-    Dense kernels (in, out) are transposed; the patch convolution's kernel (p, p, C, D) becomes
-    (D, C, p, p); ``layers_i`` of flax Sequentials become ``i``; wrapper names are dropped.
+    Dense kernels (in, out) are transposed; convolution kernels (kh, kw, C, D) become (D, C, kh, kw);
+    ``kernel`` and ``embedding`` become ``weight``; ``layers_i`` of flax Sequentials become ``i``;
+    the official wrapper names ``_flax_linear`` / ``_flax_embedding`` are dropped.
     """
     out = {}
-    for name, value in _flatten(params.get("net", params)).items():
+    for name, value in _flatten(params).items():
         array = _tensor(value).float()
         torch_name = re.sub(r"\.layers_(\d+)", r".\1", name).replace("._flax_linear", "").replace("._flax_embedding", "")
         if torch_name.endswith(".kernel"):
-            array = array.permute(3, 2, 0, 1) if array.ndim == 4 else array.T
+            array = array.permute(3, 2, 0, 1) if array.ndim == 4 else array.T if array.ndim == 2 else array
             torch_name = torch_name[: -len("kernel")] + "weight"
         elif torch_name.endswith(".embedding"):
             torch_name = torch_name[: -len("embedding")] + "weight"
-        ours = dit_key(torch_name)
-        out[ours or f"(official) {torch_name}"] = array.contiguous()
+        out[torch_name] = array.contiguous()
     return out
+
+
+def flax_dit_state(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The official JAX DiT's params (``{"net": ...}``) -> our DiT state dict (names and layouts)."""
+    return {dit_key(name) or f"(official) {name}": array for name, array in torch_layout(params.get("net", params)).items()}
 
 
 def _load_flax(source: Source, preset: str | None, weights: str, input_size: int | None = None) -> Loaded:
     _check_weights(weights, WEIGHTS)
-    state = read_flax_state(source.path)
+    tree = source.flax_tree
     key = "ema_params" if weights == "ema" else "params"
-    if "params" not in state:
-        raise PretrainedError(f"{source.path} has no 'params' (top-level keys: {sorted(state)}): not a flax TrainState checkpoint")
-    if key not in state:
-        raise PretrainedError(f"{source.path} has no '{key}' (keys: {sorted(state)}); weights='model' takes 'params'")
+    if "params" not in tree:
+        raise PretrainedError(f"{source.path} has no 'params' (top-level keys: {sorted(tree)}): not a flax TrainState checkpoint")
+    net = tree["params"].get("net", tree["params"])
+    if not isinstance(net, dict) or "x_embedder" not in net or not any(re.fullmatch(r"blocks(_\d+)?", k) for k in net):
+        raise PretrainedError(f"{source.path} is a flax checkpoint of an unknown layout: its params hold {', '.join(sorted(net)[:12])}; "
+                              "known: the MeanFlow DiT (x_embedder, blocks) and the pMF MiT (x_embedder, shared_blocks_<i>)")
+    if key not in tree:
+        raise PretrainedError(f"{source.path} has no '{key}' (keys: {sorted(tree)}); weights='model' takes 'params'")
+    state = read_flax_state(source.flax_checkpoint, keep=lambda t: {k: t[k] for k in (key, "step") if k in t})
     ours = flax_dit_state(state[key])
     spec = _dit_spec(ours, preset, input_size, str(source.path))
     model = fill(spec, ours, f"{source.path} ({key})")
@@ -627,7 +791,7 @@ def _load_official_imf(source: Source, preset: str | None, weights: str, input_s
     model = official_imf_from_state(source.torch_payload, str(source.path), preset, input_size)
     arch = official_architecture(rename_official(source.torch_payload))
     spec = {"name": model.preset or "imf-tiny/2", "kwargs": official_spec_kwargs(arch, input_size)}
-    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)")
+    return Loaded(model, spec, "imf-official", "the released weights (the file holds one set)", meta=official_meta(model))
 
 
 register_format(Format("imf-official", "released iMF checkpoints iMF-{B,M,L,XL}-2.pth (state dict of iMeanFlow(eval=True), keys net.*)",

@@ -48,7 +48,22 @@ class Targets:
     v_head: torch.Tensor | None = None
 
 
-class Objective:
+class Trainable:
+    """What the training loop asks of every objective, with the plain answers; the option mixins
+    (:class:`WeightOptions`, :class:`JVPOptions`) refine them. Separate from :class:`Objective` so
+    that a mixin listed after ``Objective`` among an objective's bases still takes precedence."""
+
+    def weighted(self, d: torch.Tensor) -> torch.Tensor:
+        """The loss terms (B,) of per-sample squared errors d (B,): d itself (no adaptive weight)."""
+        return d
+
+    @property
+    def one_forward(self) -> bool:
+        """Whether the loss calls the model's forward once with gradients (so DDP or FSDP can wrap the model)."""
+        return True
+
+
+class Objective(Trainable):
     """Base class of training objectives (module docstring). Options are keyword arguments."""
 
     kind: ClassVar[str] = ""
@@ -90,6 +105,10 @@ class Objective:
         loss, stats, _ = self.loss_and_targets(model, x, labels, generator=generator, shard=shard, cond=cond)
         return loss, host_stats(stats)
 
+    def at_step(self, step: int, steps: int) -> None:
+        """Training step ``step`` (0-based) of ``steps`` comes next; objectives with a schedule over training
+        (AlphaFlow's alpha) read it, the others ignore it."""
+
     def loss_and_targets(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None = None, *,
                          generator: torch.Generator | None = None, shard: Shard | None = None,
                          cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, DeviceStats, Targets]:
@@ -107,22 +126,17 @@ class Objective:
         raise NotImplementedError
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
 def register(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: make an objective available by its ``kind`` (config ``objective.kind``)."""
+    """Class decorator: make an objective available by its ``kind`` (config ``objective.kind``), filed in
+    the one registry of components (:func:`meanflow.options.register`), where the config finds its options."""
     if not cls.kind:
         raise ValueError(f"{cls.__name__} needs a kind name to be registered")
-    OBJECTIVES[cls.kind] = cls
-    opts.register(cls.option_set())
-    return cls
+    return opts.register("objective", cls.kind, cls)
 
 
 def get(kind: str) -> type[Objective]:
     """The objective class registered as ``kind``; ValueError listing the kinds."""
-    opts.lookup("objective", kind)
-    return OBJECTIVES[kind]
+    return opts.lookup("objective", kind)
 
 
 def create(kind: str, **options: Any) -> Objective:
@@ -131,13 +145,13 @@ def create(kind: str, **options: Any) -> Objective:
 
 
 def available() -> list[str]:
-    return list(OBJECTIVES)
+    return opts.kinds("objective")
 
 
 # ---- options shared by several objectives --------------------------------------------------------
 
 
-class WeightOptions:
+class WeightOptions(Trainable):
     """The adaptive loss weight w = 1 / sg(d + c)^p of a per-sample squared error d."""
 
     weight_power = Option(1.0, low=0.0, doc="p of the adaptive weight 1 / (d + c)^p; 0 is plain squared error")
@@ -154,10 +168,17 @@ class LabelDropOptions:
     label_drop = Option(0.1, low=0.0, high=1.0, doc="probability of replacing a label by the null class")
 
 
-class JVPOptions:
+class JVPOptions(Trainable):
     """How the JVP layer computes du/dt (``meanflow.autodiff.jvp``); every mode gives the same result."""
 
     jvp = Option("auto", choices=mode_names, doc="how du/dt is computed; every mode gives the same result")
+    #: the modes whose tangent rides outside autograd, in the one forward pass with gradients
+    ONE_FORWARD_MODES: ClassVar[tuple[str, ...]] = ("auto", "dual", "rows")
+
+    @property
+    def one_forward(self) -> bool:
+        """Whether the loss calls the model's forward once with gradients: not with forward-mode AD."""
+        return self.jvp in self.ONE_FORWARD_MODES
 
 
 def checked_cond(cond: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:

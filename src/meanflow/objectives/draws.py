@@ -100,11 +100,14 @@ def draw_batch(
     times: TimeSampler,
     label_drop: float,
     drop_anywhere: bool = False,
+    single_time_at_r_eq_t: bool = False,
 ) -> tuple[Draws, BatchRandom]:
     """Noise, (r, t), label drops and r != t rows for the local batch x (B, ...).
 
-    Returns the draws (on x's device; noise in x's dtype, times in x's dtype) and the
-    :class:`BatchRandom` whose generator has advanced past them, for further draws.
+    The pair (r, t) is ordered before the r = t rows are set (MeanFlow, iMF: there t is the larger
+    of the two draws); ``single_time_at_r_eq_t`` sets r = t first, as pMF does, so that t on those
+    rows is the first draw alone. Returns the draws (on x's device; noise in x's dtype, times in
+    x's dtype) and the :class:`BatchRandom` whose generator has advanced past them, for further draws.
     """
     rand = BatchRandom(x, generator, shard)
     noise = rand.normal(*x.shape[1:], dtype=x.dtype)  # (B, ...)
@@ -113,6 +116,8 @@ def draw_batch(
     r, t = times(normals[0], normals[1])
     mask = rand.jvp_global(ratio)  # host-side list: no device synchronisation
     local = mask[rand.local]
+    if single_time_at_r_eq_t:
+        t = torch.where(torch.tensor(local, device=rand.device), t, times(normals[0], normals[0])[1])
     dropped = _drops(drop_u, mask, label_drop, drop_anywhere)[rand.local]
     to = dict(device=x.device)
     draws = Draws(

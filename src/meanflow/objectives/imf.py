@@ -31,6 +31,7 @@ t_min, t_max, return_v)``, ``guidance_input = True``). Per sample:
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 
@@ -38,7 +39,7 @@ from ..autodiff import Tangent, jvp
 from ..options import Option
 from .base import (DeviceStats, JVPOptions, LabelDropOptions, Model, Objective, Targets, WeightOptions, checked_labels,
                    drop_labels, error_stats, num_classes, register, scatter_rows, target_dtype)
-from .draws import Draws, Shard, draw_batch
+from .draws import BatchRandom, Draws, Shard, draw_batch
 from .path import _expand, conditional_velocity, interpolate
 from .time_samplers import PairTimeOptions
 
@@ -55,6 +56,8 @@ class IMFLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, PairTimeOp
     """
 
     kind = "imf"
+    #: the r = t rows' t is one draw (pMF) rather than the larger of two (iMF); see :func:`draw_batch`
+    single_time_at_r_eq_t: ClassVar[bool] = False
     ratio = Option(0.5, low=0.0, high=1.0, doc="fraction of each batch with r != t (official: 0.5)")
     omega_max = Option(7.0, above=0.0, doc="s_max: the guidance scale omega is drawn on [1, 1 + s_max] (official: 7)")
     omega_beta = Option(1.0, low=0.0, doc="cfg_beta: omega has density ~ omega^-beta; 1 is log-uniform (official: 1)")
@@ -63,13 +66,19 @@ class IMFLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, PairTimeOp
     def draw(self, x: torch.Tensor, generator: torch.Generator | None = None, shard: Shard | None = None,
              guided: bool = True) -> Draws:
         """MeanFlow's draws plus omega, t_min, t_max (each (B,)) in ``conditioning``; omega = 1 unless ``guided``."""
-        draws, rand = draw_batch(x, generator, shard, ratio=self.ratio, times=self.times(), label_drop=self.label_drop)
+        return self.draw_more(x, generator, shard, guided)[0]
+
+    def draw_more(self, x: torch.Tensor, generator: torch.Generator | None, shard: Shard | None,
+                  guided: bool) -> tuple[Draws, BatchRandom]:
+        """:meth:`draw` and the :class:`BatchRandom` that continues after it (for objectives that draw more)."""
+        draws, rand = draw_batch(x, generator, shard, ratio=self.ratio, times=self.times(), label_drop=self.label_drop,
+                                 single_time_at_r_eq_t=self.single_time_at_r_eq_t)
         fm = (~draws.jvp_rows).to(rand.device)
         t_min = torch.where(fm, 0.0, T_MIN_RANGE[0] + (T_MIN_RANGE[1] - T_MIN_RANGE[0]) * rand.uniform())
         t_max = torch.where(fm, 1.0, T_MAX_RANGE[0] + (T_MAX_RANGE[1] - T_MAX_RANGE[0]) * rand.uniform())
         omega = self.omega_from_uniform(rand.uniform()) if guided else torch.ones_like(t_min)
         to = dict(dtype=x.dtype, device=x.device)
-        return replace(draws, conditioning={"omega": omega.to(**to), "t_min": t_min.to(**to), "t_max": t_max.to(**to)})
+        return replace(draws, conditioning={"omega": omega.to(**to), "t_min": t_min.to(**to), "t_max": t_max.to(**to)}), rand
 
     def omega_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """omega on [1, 1 + s_max] with density ~ omega^-beta, from U(0, 1) draws u (inverse CDF)."""
@@ -86,23 +95,33 @@ class IMFLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, PairTimeOp
 
         ``cond``: further per-sample keyword inputs of the model, each (B, ...), given to every call.
         """
-        _check_model(model)
+        check_two_headed(model, self.kind)
+        draws = self.draw(x, generator, shard, guided=num_classes(model) > 0)
+        return self.targets_from(model, x, labels, draws, cond or {})
+
+    def targets_from(self, model: Model, x: torch.Tensor, labels: torch.Tensor | None, draws: Draws,
+                     cond: dict[str, torch.Tensor]) -> Targets:
+        """:meth:`targets` for given draws; x: (B, ...), labels: (B,) or None, cond: model inputs, each (B, ...)."""
         classes = num_classes(model)
         labels = checked_labels(model, labels, x.shape[0], x.device)
-        draws = self.draw(x, generator, shard, guided=classes > 0)
         z = interpolate(x, draws.noise, draws.t)
-        v_t = conditional_velocity(x, draws.noise)
-        v_c, v_g = self.guided_velocity(model, z, draws.t, v_t, labels, draws.conditioning, cond or {})
+        v_t = self.path_velocity(x, z, draws)
+        v_c, v_g = self.guided_velocity(model, z, draws.t, v_t, labels, draws.conditioning, cond)
         fed = drop_labels(labels, draws.dropped, classes)
         v_g = torch.where(_expand(draws.dropped, v_g).bool(), v_t, v_g)
         rows = draws.jvp_index
         out = jvp(model, z, draws.r, draws.t, fed, rows, Tangent(z=v_c[rows].to(z.dtype)), mode=self.jvp,
-                  conditioning={**(cond or {}), **draws.conditioning}, return_v=True)
+                  conditioning={**cond, **draws.conditioning}, return_v=True)
         dtype = target_dtype(z)
         return Targets(
             u=out.u.to(dtype), target=v_g.to(dtype).detach(), dudt=scatter_rows(rows, out.du.to(dtype), x.shape[0]),
             z=z, v=v_g, labels=fed, draws=draws, tangent=v_c, v_head=out.v.to(dtype),
         )
+
+    @staticmethod
+    def path_velocity(x: torch.Tensor, z: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """v_t = e - x of the path, (B, ...) (x, z: (B, ...)); the target and the guidance start from it."""
+        return conditional_velocity(x, draws.noise)
 
     @staticmethod
     def guided_velocity(model: Model, z: torch.Tensor, t: torch.Tensor, v_t: torch.Tensor, labels: torch.Tensor | None,
@@ -137,10 +156,11 @@ class IMFLoss(Objective, JVPOptions, WeightOptions, LabelDropOptions, PairTimeOp
         return loss, error_stats(sq_u, d, out.dudt, loss=loss, loss_u=sq_u.mean(), loss_v=sq_v.mean())
 
 
-def _check_model(model: Model) -> None:
+def check_two_headed(model: Model, kind: str) -> None:
+    """ValueError unless ``model`` is a two-headed iMF-style model (objective ``kind`` needs one)."""
     inner = getattr(model, "module", getattr(model, "_orig_mod", model))
     if not getattr(inner, "guidance_input", False):
         raise ValueError(
-            f"objective 'imf' needs a two-headed iMF-style model (guidance_input = True; model(z, r, t, labels, omega=, "
+            f"objective {kind!r} needs a two-headed iMF-style model (guidance_input = True; model(z, r, t, labels, omega=, "
             f"t_min=, t_max=, return_v=True) -> (u, v)), such as model.name=imf-tiny/2; {type(inner).__name__} is not one"
         )

@@ -27,6 +27,7 @@ import torch
 
 from ..autodiff import Tangent, jvp
 from ..options import Option
+from ..autodiff.per_sample import model_rows
 from .base import (DeviceStats, JVPOptions, LabelDropOptions, Model, Objective, Targets, WeightOptions, checked_labels,
                    drop_labels, num_classes, register, scatter_rows, target_dtype, weighted_regression)
 from .draws import Draws, Shard, draw_batch
@@ -123,10 +124,11 @@ def model_velocity(model: Model, z: torch.Tensor, t: torch.Tensor, labels: torch
                    cond: dict[str, torch.Tensor] | None, v: torch.Tensor) -> torch.Tensor:
     """v with its ``rows`` replaced by the model's instantaneous velocity u(z, t, t), without gradient; (B, ...).
 
-    z, v: (B, ...); t: (B,); labels: (B,) as fed to the network, or None; rows: (n,) indices.
+    z, v: (B, ...); t: (B,); labels: (B,) as fed to the network, or None; rows: (n,) indices (dropout masks follow
+    them, :func:`~meanflow.autodiff.per_sample.model_rows`).
     """
     take = {k: c[rows] for k, c in (cond or {}).items()}
-    with torch.no_grad():
+    with torch.no_grad(), model_rows(rows):
         u_tt = model(z[rows], t[rows], t[rows], None if labels is None else labels[rows], **take)
     return v.index_put((rows,), u_tt.to(v.dtype))
 

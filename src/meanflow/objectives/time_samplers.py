@@ -15,7 +15,9 @@ for the others r is set to t. The objectives' options for the samplers are decla
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -62,8 +64,15 @@ def _normal_cdf(n: torch.Tensor) -> torch.Tensor:
 
 
 def jvp_count(ratio: float, total: int) -> int:
-    """Number of samples with r != t in a global batch of ``total`` samples."""
-    return int(round(ratio * total))
+    """Number of samples with r != t in a global batch of ``total`` samples.
+
+    As both official JAX codes (MeanFlow and iMF) count them: ``int(total * data_proportion)``
+    samples have r = t, with data_proportion = 1 - ratio, and the rest r != t; so an odd batch at
+    ratio 0.5 has its middle sample with r != t (B - int(B / 2)). The product is taken on the
+    decimal value of ``ratio`` (0.7, not the binary float 0.69999...), so that no float rounding
+    moves a sample across the floor.
+    """
+    return total - math.floor(total * (1 - Fraction(repr(float(ratio)))))
 
 
 def jvp_mask(ratio: float, offset: int, size: int, total: int) -> list[bool]:

@@ -3,7 +3,7 @@
 Layout of one checkpoint (``RUN/checkpoints/step_0001000/``)::
 
     model.safetensors        raw weights (a plain state dict)
-    ema.safetensors          EMA weights of the first decay (ema_<decay>.safetensors for others)
+    ema.safetensors          weights of the first EMA (the others: ema_<decay>.safetensors, ema_std<std>.safetensors)
     trainer_state.pt         optimizer, step, counters, RNG states (tensors and plain types only)
     meta.json                model preset + kwargs, data shape/classes, guidance used in training
     config.yaml              the resolved run config

@@ -2,14 +2,13 @@
 
 Gradients are averaged over ranks in one of two ways (:func:`data_parallel` picks):
 
-* ``DistributedDataParallel`` when the loss runs the model's forward once with gradients: Flow
-  Matching, and MeanFlow with the one-pass JVP modes ("dual", "rows", and "auto", which takes
-  one of them), whose tangent rides outside autograd. DDP's bucketed all-reduce overlaps the
-  backward pass.
-* Otherwise (forward-mode AD, "forward_ad" / "full": ``torch.func.jvp`` cannot run through DDP,
-  and calling the inner module would skip DDP's all-reduce silently; and under
-  ``train.compile``) the model is not wrapped and :func:`all_reduce_gradients` averages the
-  gradients explicitly after the backward pass.
+* ``DistributedDataParallel`` when the loss runs the model's forward once with gradients (the
+  objective says so: ``Objective.one_forward``; e.g. a JVP whose tangent rides outside autograd).
+  DDP's bucketed all-reduce overlaps the backward pass.
+* Otherwise (forward-mode AD: ``torch.func.jvp`` cannot run through DDP, and calling the inner
+  module would skip DDP's all-reduce silently; and under ``train.compile``) the model is not
+  wrapped and :func:`all_reduce_gradients` averages the gradients explicitly after the backward
+  pass.
 
 :func:`check_in_sync` verifies that the parameters agree on every rank (at the first step and
 on demand) either way.
@@ -80,18 +79,15 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-ONE_FORWARD_JVP_MODES = ("auto", "dual", "rows")  # JVP modes whose loss runs one forward pass with gradients
-
-
-def data_parallel(model: nn.Module, info: DistInfo, jvp_mode: str | None, compiled: bool = False) -> nn.Module | None:
+def data_parallel(model: nn.Module, info: DistInfo, one_forward: bool, compiled: bool = False) -> nn.Module | None:
     """``DistributedDataParallel(model)`` when several processes train with a one-forward loss, else None.
 
-    ``jvp_mode`` is the objective's ``jvp`` option (None: an objective without a JVP, one forward
-    pass). When None is returned the caller averages gradients with :func:`all_reduce_gradients`.
+    ``one_forward``: whether every loss of the run calls the model's forward once with gradients.
+    When None is returned the caller averages gradients with :func:`all_reduce_gradients`.
     Buffers are synchronised once at construction, not before every forward: they are deterministic
     functions of the configuration here.
     """
-    if not info.enabled or compiled or (jvp_mode is not None and jvp_mode not in ONE_FORWARD_JVP_MODES):
+    if not info.enabled or compiled or not one_forward:
         return None
     devices = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=devices, forward_sync_buffers=False)

@@ -4,6 +4,10 @@
 * :func:`ode_sample` - Euler or Heun integration of the instantaneous velocity u(z, t, t), the
   Flow Matching way (many NFE), from t = 1 (noise) to t = 0 (data).
 
+Noise is standard normal; a model trained with another prior scale says so in its ``noise_scale``
+attribute (pMF models, whose official prior is N(0, s^2) with s = 1, 2 or 4), and the samplers
+multiply the noise by it (:func:`prior_scale`).
+
 Guidance as an input (iMF-style models, ``guidance_input = True``): both samplers take the
 guidance scale ``omega`` and the guidance interval ``(t_min, t_max)`` and hand them to every
 network call (:func:`guidance_inputs`). MeanFlow models trained with guidance in the target have
@@ -49,6 +53,11 @@ def guidance_inputs(model: Model, steps: int, omega: float | None = None,
     return {"omega": omega, "t_min": t_min, "t_max": t_max}
 
 
+def prior_scale(model: Model) -> float:
+    """The standard deviation of the model's prior: its ``noise_scale`` attribute, else 1."""
+    return float(getattr(getattr(model, "module", model), "noise_scale", 1.0))
+
+
 def time_grid(steps: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniform grid 1 = t_0 > t_1 > ... > t_steps = 0 of shape (steps + 1,)."""
     if not isinstance(steps, int) or steps < 1:
@@ -59,15 +68,15 @@ def time_grid(steps: int, device: torch.device | str = "cpu", dtype: torch.dtype
 @torch.no_grad()
 def sample(model: Model, noise: torch.Tensor, steps: int = 1, labels: torch.Tensor | None = None,
            omega: float | None = None, interval: tuple[float, float] | None = None) -> torch.Tensor:
-    """MeanFlow sampling with ``steps`` network evaluations. noise: (B, ...) -> samples (B, ...).
+    """MeanFlow sampling with ``steps`` network evaluations. noise: (B, ...) standard normal -> samples (B, ...).
 
-    One step is x = e - u(e, r=0, t=1). For a CFG-trained MeanFlow model guidance lives in the
-    weights: pass class labels only. An iMF-style model also takes the guidance scale ``omega`` and
+    One step is x = e - u(e, r=0, t=1), with e the noise times :func:`prior_scale`. For a
+    CFG-trained MeanFlow model guidance lives in the weights: pass class labels only. An iMF-style model also takes the guidance scale ``omega`` and
     interval ``(t_min, t_max)`` (see :func:`guidance_inputs` for defaults and checks).
     """
     guidance = guidance_inputs(model, steps, omega, interval)
     grid = time_grid(steps, noise.device, noise.dtype)
-    z = noise
+    z = noise * prior_scale(model)
     ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         u = model(z, ones * t_next, ones * t_cur, labels, **guidance)
@@ -78,7 +87,9 @@ def sample(model: Model, noise: torch.Tensor, steps: int = 1, labels: torch.Tens
 @torch.no_grad()
 def ode_sample(model: Model, noise: torch.Tensor, steps: int = 100, labels: torch.Tensor | None = None, method: str = "euler",
                omega: float | None = None, interval: tuple[float, float] | None = None) -> torch.Tensor:
-    """Integrate dz/dt = u(z, t, t) from t = 1 to 0. NFE: ``steps`` (Euler) or ``2 steps - 1`` (Heun).
+    """Integrate dz/dt = u(z, t, t) from t = 1 (the noise times :func:`prior_scale`) to 0.
+
+    NFE: ``steps`` (Euler) or ``2 steps - 1`` (Heun).
 
     ``omega`` / ``interval``: as in :func:`sample`, for iMF-style models only.
     """
@@ -91,7 +102,7 @@ def ode_sample(model: Model, noise: torch.Tensor, steps: int = 100, labels: torc
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model(z, ones * t, ones * t, labels, **guidance).to(z.dtype)
 
-    z = noise
+    z = noise * prior_scale(model)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t_cur
         v = velocity(z, t_cur)

@@ -1,4 +1,4 @@
-"""Turn config sections into training objects: loss, optimizer, LR schedule (models: :mod:`meanflow.models.loading`)."""
+"""Turn config sections into training objects: loss, optimizer, LR schedule, EMA profiles (models: :mod:`meanflow.models.loading`)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .. import objectives
-from ..config import OPTIMIZERS, ObjectiveConfig, TrainConfig
+from ..config import ObjectiveConfig, TrainConfig
+from .ema import Exponential, PowerFunction, Profile
+from .muon import MuonAdamW
 
 
 def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
@@ -15,18 +17,26 @@ def build_loss(cfg: ObjectiveConfig) -> objectives.Objective:
     return objectives.create(cfg.kind, **cfg.options)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def ema_profiles(cfg: TrainConfig) -> list[Profile]:
+    """The EMAs of a run: one per ``ema_decays`` entry (with the ``ema_rampup`` ramp-up), then one per ``ema_stds`` entry."""
+    return [*(Exponential(float(d), cfg.ema_rampup) for d in cfg.ema_decays), *(PowerFunction(float(s)) for s in cfg.ema_stds)]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | MuonAdamW:
     """The optimizer named by ``cfg.optimizer`` over all parameters, with the configured lr, betas and weight
     decay, fused: the fused kernels can skip a step on the device (the non-finite guard,
-    :mod:`meanflow.training.guard`)."""
-    return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                     fused=True)
+    :mod:`meanflow.training.guard`). ``muon``: :class:`~meanflow.training.muon.MuonAdamW`."""
+    if cfg.optimizer == "muon":
+        return MuonAdamW(model, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                         ns_steps=cfg.muon_ns_steps, adjust_lr=cfg.muon_adjust_lr)
+    adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    return adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonAdamW, state: dict) -> None:
     """Load ``state`` into a :func:`build_optimizer` optimizer, also one saved by an unfused optimizer
-    (checkpoints of older versions): the groups stay fused, the step counts move to the device."""
-    groups = [{**group, "fused": True, "foreach": None} for group in state["param_groups"]]
+    (checkpoints of older versions): the Adam groups stay fused, the step counts move to the device."""
+    groups = [{**group, "fused": True, "foreach": None} if "fused" in group else group for group in state["param_groups"]]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 

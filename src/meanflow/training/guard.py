@@ -61,9 +61,9 @@ class NonFiniteGuard:
         return bad, run
 
 
-def apply_step(optimizer: torch.optim.Optimizer, ema: EMA, model: torch.nn.Module, applied: torch.Tensor) -> None:
-    """Optimizer step and EMA update where ``applied`` (0-d bool, on the device) is True; on a skipped
-    step both leave every value bit-identical, and the host never reads ``applied``."""
+def apply_step(optimizer: torch.optim.Optimizer, ema: EMA, model: torch.nn.Module, applied: torch.Tensor, step: int) -> None:
+    """Optimizer step ``step`` (1-based) and its EMA update where ``applied`` (0-d bool, on the device) is True;
+    on a skipped step both leave every value bit-identical, and the host never reads ``applied``."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         raise TypeError(
             f"{type(optimizer).__name__} cannot skip a step on the device; the trainer needs a fused optimizer "
@@ -71,7 +71,7 @@ def apply_step(optimizer: torch.optim.Optimizer, ema: EMA, model: torch.nn.Modul
         )
     optimizer.found_inf = (~applied).float()  # read by the fused kernel on the device
     optimizer.step()
-    ema.update(model, applied)
+    ema.update(model, step, applied)
 
 
 __all__ = ["NonFiniteGuard", "TrainingDiverged", "apply_step"]

@@ -10,16 +10,26 @@ A sweep spec is a YAML file (``configs/sweeps/NAME.yaml`` ships with the package
       flow_matching: {objective.kind: flow_matching}
     seeds: [0, 1, 2]                     # ...times these seeds
     metrics: [meanflow_1nfe.sliced_w2]   # "<result>.<field>" of metrics.json (default: all)
+    baseline: {objective.ratio: 0.0}     # optional: compare every point with this one, paired by seed
 
 Run ``i`` lives in ``OUT/<point>/seed<s>/`` (a normal run directory). A run whose
 ``metrics.json`` exists is finished and skipped; one with checkpoints but no metrics is resumed;
 so an interrupted sweep continues where it stopped when started again. The summary
 (``summary.md``, ``summary.csv``, ``runs.csv`` and one ``<metric>.png`` per metric) holds, per grid
 point, the mean and standard deviation over seeds and the raw values.
+
+``baseline`` names the point each other point is compared with: a mapping of axes to values
+(``variant`` for a variant's name), or a variant's name alone. Axes it leaves out stay those of
+the point, so ``{objective.time_sampler: lognorm}`` in a sampler x ratio grid compares each
+sampler with lognorm at the same ratio. Per metric the summary then adds the paired statistics
+of :func:`paired_differences`: the per-seed differences (point minus baseline, seeds both have),
+their mean and sample standard deviation, how many seeds agree in sign with the mean, and the
+paired t statistic with its n (``meanflow sweep --baseline`` replaces the spec's).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -40,7 +50,8 @@ from ..runtime.distributed import DistInfo
 from .trainer import train
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
-SPEC_KEYS = ("config", "overrides", "grid", "variants", "seeds", "metrics", "description")
+PAIRED_COLUMNS = ("baseline", "diffs", "diff_mean", "diff_std", "diff_n", "same_sign", "t")  # summary.csv, with a baseline
+SPEC_KEYS = ("config", "overrides", "grid", "variants", "seeds", "metrics", "description", "baseline")
 
 
 @dataclass
@@ -54,6 +65,7 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     metrics: list[str] = field(default_factory=list)
     description: str = ""
+    baseline: dict[str, Any] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,51 @@ def _check_spec(spec: SweepSpec, path: Path) -> None:
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {spec.seeds!r}")
     if not isinstance(spec.metrics, list) or not all(isinstance(m, str) and "." in m for m in spec.metrics):
         raise ConfigError(f"{where}: metrics must be a list of '<result>.<field>' names such as 'meanflow_1nfe.sliced_w2', got {spec.metrics!r}")
+    baseline_axes(spec, where)
+
+
+def baseline_axes(spec: SweepSpec, where: str = "sweep spec") -> dict[str, Any]:
+    """The spec's baseline as {axis: value} (a variant name becomes {"variant": name}; none: {}), checked
+    against the spec's axes and their values; ConfigError naming the fix otherwise."""
+    baseline = spec.baseline
+    if baseline is None:
+        return {}
+    if isinstance(baseline, str):
+        baseline = {"variant": baseline}
+    if not isinstance(baseline, dict) or not baseline:
+        raise ConfigError(f"{where}: baseline must be a variant name or a mapping of axes to values, e.g. "
+                          f"{{objective.ratio: 0.25}}; got {spec.baseline!r}")
+    values = {"variant": list(spec.variants), **spec.grid}
+    for axis, value in baseline.items():
+        if axis not in values or not values[axis]:
+            raise ConfigError(f"{where}: baseline axis {axis!r} is not an axis of the sweep; its axes: {', '.join(_axes(spec)) or 'none'}")
+        if value not in values[axis]:
+            raise ConfigError(f"{where}: baseline {axis}={_text(value)} is not one of the sweep's values "
+                              f"{', '.join(map(_text, values[axis]))}")
+    return baseline
+
+
+def with_baseline(spec: SweepSpec, items: list[str]) -> SweepSpec:
+    """``spec`` with the baseline given on the command line: a variant name, or ``axis=value`` items (YAML values)."""
+    if len(items) == 1 and "=" not in items[0]:
+        baseline: dict[str, Any] | str = items[0]
+    else:
+        pairs = [item.partition("=") for item in items]
+        if not all(sep for _, sep, _ in pairs):
+            raise ConfigError(f"--baseline takes a variant name or axis=value items, e.g. --baseline objective.ratio=0.25; got {items!r}")
+        baseline = {key: yaml.safe_load(text) for key, _, text in pairs}
+    replaced = dataclasses.replace(spec, baseline=baseline)
+    baseline_axes(replaced, "--baseline")
+    return replaced
+
+
+def baseline_point(point: tuple[tuple[str, Any], ...], baseline: dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    """The point ``point`` is compared with: its axes with the baseline's values; None without a baseline or
+    for a baseline point itself."""
+    if not baseline:
+        return None
+    other = tuple((axis, baseline.get(axis, value)) for axis, value in point)
+    return None if other == point else other
 
 
 def plan(spec: SweepSpec) -> list[SweepRun]:
@@ -235,19 +292,56 @@ def metric_names(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def summarise(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """Per grid point (in plan order) and metric: mean, sample standard deviation, count, raw values by seed."""
+def summarise(rows: list[dict[str, Any]], metrics: list[str], baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per grid point (in plan order) and metric: mean, sample standard deviation, count, raw values by seed.
+
+    With ``baseline`` ({axis: value}, see :func:`baseline_axes`) every point with finished baseline runs
+    gets ``"baseline"`` (the baseline point's label) and, per metric, ``"paired"``: :func:`paired_differences`
+    of its values against the baseline's, by seed.
+    """
     points: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         points.setdefault(row["point"], []).append(row)
     summary = []
     for point, group in points.items():
         entry = {"point": point, "label": group[0]["label"], "seeds": [r["seed"] for r in group], "metrics": {}}
+        other = points.get(baseline_point(point, baseline or {}))
+        if other:
+            entry["baseline"] = other[0]["label"]
         for name in metrics:
             values = [r["metrics"].get(name, math.nan) for r in group]
             entry["metrics"][name] = {"mean": _mean(values), "std": _std(values), "n": len(values), "values": values}
+            if other:
+                entry["metrics"][name]["paired"] = paired_differences(_by_seed(group, name), _by_seed(other, name))
         summary.append(entry)
     return summary
+
+
+def _by_seed(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """{seed: value of ``metric``} of a point's finished runs (NaN where a run does not report it)."""
+    return {r["seed"]: r["metrics"].get(metric, math.nan) for r in rows}
+
+
+def paired_differences(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any]:
+    """Paired comparison of ``values`` against ``baseline`` (each {seed: value}) over the seeds both have (finite).
+
+    Returns ``seeds`` and ``diffs`` (value minus baseline, by seed), ``mean`` and ``std`` (sample, n - 1) of the
+    differences, ``n``, ``same_sign`` (how many differences have the sign of the mean; zeros do not) and ``t``,
+    the paired t statistic mean / (std / sqrt(n)) with n - 1 degrees of freedom (NaN for n < 2; +-inf when
+    every difference is the same nonzero number).
+    """
+    seeds = sorted(s for s in values if s in baseline and math.isfinite(values[s]) and math.isfinite(baseline[s]))
+    diffs = [values[s] - baseline[s] for s in seeds]
+    mean, std, n = _mean(diffs), _std(diffs), len(diffs)
+    sign = math.copysign(1.0, mean) if n and mean else 0.0
+    same = sum(1 for d in diffs if d * sign > 0)
+    if n < 2:
+        t = math.nan
+    elif std > 0:
+        t = mean / (std / math.sqrt(n))
+    else:
+        t = math.copysign(math.inf, mean) if mean else math.nan
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "std": std, "n": n, "same_sign": same, "t": t}
 
 
 def write_summary(spec: SweepSpec, out: str | Path, title: str = "sweep") -> dict[str, Path]:
@@ -257,7 +351,7 @@ def write_summary(spec: SweepSpec, out: str | Path, title: str = "sweep") -> dic
     if not rows:
         raise FileNotFoundError(f"no finished runs under {out}: run the sweep first")
     metrics = metric_names(spec, rows)
-    summary = summarise(rows, metrics)
+    summary = summarise(rows, metrics, baseline_axes(spec))
     axes = _axes(spec)
     paths = {"markdown": out / "summary.md", "csv": out / "summary.csv", "runs": out / "runs.csv"}
     paths["markdown"].write_text(markdown_table(summary, metrics, axes, title, total=len(plan(spec))))
@@ -287,7 +381,38 @@ def markdown_table(summary: list[dict[str, Any]], metrics: list[str], axes: list
             spread = "" if len(m["values"]) < 2 else f" ± {_fmt(m['std'])}"  # one seed: no spread to show
             cells.append(f"{_fmt(m['mean'])}{spread} [{raw}]")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _paired_lines(summary, metrics, axes)) + "\n"
+
+
+def _paired_lines(summary: list[dict[str, Any]], metrics: list[str], axes: list[str]) -> list[str]:
+    """The markdown section of paired differences (none when no point has a baseline)."""
+    compared = [entry for entry in summary if "baseline" in entry]
+    if not compared:
+        return []
+    lines = ["", "## Paired differences against the baseline", "",
+             "Point minus baseline, paired by seed (the seeds both have): mean ± std of the differences (n - 1), "
+             "seeds whose difference has the mean's sign, paired t = mean / (std / sqrt(n)) with n - 1 degrees of "
+             "freedom, and the differences by seed in brackets.", ""]
+    lines.append("| " + " | ".join([*axes, "baseline", "seeds", *metrics]) + " |")
+    lines.append("|" + "---|" * (len(axes) + 2) + "---:|" * len(metrics))
+    for entry in compared:
+        point = dict(entry["point"])
+        paired = [entry["metrics"][name]["paired"] for name in metrics]
+        seeds = max((p["seeds"] for p in paired), key=len)
+        cells = [_text(point.get(a, "")) for a in axes] + [entry["baseline"], ",".join(map(str, seeds))]
+        cells += [_paired_cell(p) for p in paired]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired_cell(p: dict[str, Any]) -> str:
+    """``+0.012 ± 0.004, 3/3 same sign, t = 5.2 (n = 3) [+0.01, +0.015, +0.011]``; blank without pairs."""
+    if not p["n"]:
+        return ""
+    spread = "" if p["n"] < 2 else f" ± {_fmt(p['std'])}"
+    t = "" if math.isnan(p["t"]) else f", t = {p['t']:.3g}"
+    raw = ", ".join(f"{d:+.4g}" for d in p["diffs"])
+    return f"{p['mean']:+.4g}{spread}, {p['same_sign']}/{p['n']} same sign{t} (n = {p['n']}) [{raw}]"
 
 
 def plot_metric(summary: list[dict[str, Any]], name: str, path: Path, title: str = "") -> Path:
@@ -319,12 +444,16 @@ def _axes(spec: SweepSpec) -> list[str]:
 def _write_summary_csv(path: Path, summary, metrics: list[str], axes: list[str]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*axes, "metric", "mean", "std", "n", "values"])
+        writer.writerow([*axes, "metric", "mean", "std", "n", "values", *PAIRED_COLUMNS])
         for entry in summary:
             point = dict(entry["point"])
             for name in metrics:
                 m = entry["metrics"][name]
-                writer.writerow([*(_text(point.get(a, "")) for a in axes), name, m["mean"], m["std"], m["n"], ";".join(map(repr, m["values"]))])
+                p = m.get("paired")
+                paired = ["", "", "", "", "", "", ""] if p is None else [
+                    entry["baseline"], ";".join(map(repr, p["diffs"])), p["mean"], p["std"], p["n"], p["same_sign"], p["t"]]
+                writer.writerow([*(_text(point.get(a, "")) for a in axes), name, m["mean"], m["std"], m["n"],
+                                 ";".join(map(repr, m["values"])), *paired])
 
 
 def _write_runs_csv(path: Path, rows, metrics: list[str], axes: list[str]) -> None:
@@ -371,5 +500,6 @@ def _file_name(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
 
 
-__all__ = ["SweepRun", "SweepSpec", "available_sweeps", "collect", "flatten_metrics", "load_spec", "markdown_table",
-           "plan", "plot_metric", "run_config", "run_sweep", "summarise", "write_metrics", "write_summary"]
+__all__ = ["SweepRun", "SweepSpec", "available_sweeps", "baseline_axes", "baseline_point", "collect", "flatten_metrics", "load_spec",
+           "markdown_table", "paired_differences", "plan", "plot_metric", "run_config", "run_sweep", "summarise", "with_baseline",
+           "write_metrics", "write_summary"]

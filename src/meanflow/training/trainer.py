@@ -29,14 +29,15 @@ from ..data.loader import step_batches
 from ..evaluation.preview import preview_plan, save_preview
 from ..evaluation.run import check_eval_config
 from ..models.loading import build_model, model_spec
-from ..models.pretrained import PretrainedError, load_pretrained
-from ..models.weights import state_mismatch
+from ..models.pretrained import load_pretrained
+from ..models.weights import PretrainedError, fill_model
 from ..objectives import Shard
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed as D
+from ..runtime import parallel as P
 from ..sampling import guidance_inputs
 from ..runtime.seeding import STREAMS, GlobalBatchOrder, derive_seed, restore_rng_states, rng_states, step_generator
-from .builders import build_loss, build_optimizer, learning_rate, load_optimizer_state
+from .builders import build_loss, build_optimizer, ema_profiles, learning_rate, load_optimizer_state
 from .diagnostics import Diagnostics, StatsWindow, host_copy
 from .ema import EMA
 from .guard import NonFiniteGuard, TrainingDiverged, apply_step
@@ -72,7 +73,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, dataset: tuple[Dat
 def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hooks: tuple[Hooks, ...]) -> Path:
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
-    fsdp = _fsdp(cfg, info)
+    stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
+    one_forward = all(loss.one_forward for _, loss in stages)
+    P.check_fsdp(cfg.train.parallel, one_forward, cfg.train.compile)  # fail before any work
     _prepare_out(out, info, resume)
     train_set, reference = dataset or load_dataset(cfg.data, cfg.seed)
     check_eval_config(cfg, train_set.kind)  # the evaluation after training must not fail on its options
@@ -84,11 +87,9 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     if cfg.init.path and not resume:
         _initialise(model, cfg.init, print if info.is_main else None)
     model = model.to(info.device)
-    if fsdp:
-        D.shard_model(model)
-    stages = [(start, build_loss(objective)) for start, objective in stage_objectives(cfg)]
+    par = P.parallelise(model, info, cfg.train.parallel, one_forward, cfg.train.compile)
     optimizer = build_optimizer(model, cfg.train)
-    ema = EMA(model, cfg.train.ema_decays)
+    ema = EMA(model, ema_profiles(cfg.train))
     state = TrainState()
     if resume:
         state = _restore(out, spec, model, optimizer, ema, info)
@@ -99,8 +100,6 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
     batches = step_batches(train_set, order, state.step, cfg.train.steps, info.rank, info.world_size,
                            cfg.train.num_workers, pin_memory=info.device.type == "cuda")
     local = cfg.train.batch_size // info.world_size
-    ddp = None if fsdp else D.data_parallel(model, info, cfg.objective.resolved().get("jvp"), compiled=cfg.train.compile)
-    forward = ddp or _maybe_compile(model, cfg)
     logger = RunLogger(out, state.step, cfg.train.steps, info.is_main, cfg.train.batch_size)
     diagnostics, window = Diagnostics(), StatsWindow()
     guard = NonFiniteGuard(info.device, cfg.train.max_bad_steps, state.bad_steps, state.consecutive_bad)
@@ -113,19 +112,20 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
                 group["lr"] = learning_rate(step, cfg.train)
             x, labels, cond = _batch(*next(batches), step, info, cfg, augment)
             loss_fn = next(loss for start, loss in reversed(stages) if step >= start)
+            loss_fn.at_step(step, cfg.train.steps)
             rows = torch.arange(info.rank * local, (info.rank + 1) * local, device=info.device)  # this shard's global sample indices
             with autocast, PerSampleDropout(derive_seed(cfg.seed, step, STREAMS["dropout"]), rows, cfg.train.batch_size):
                 loss, stats, targets = loss_fn.loss_and_targets(
-                    forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
+                    par.forward, x, labels, generator=step_generator(cfg.seed, step, "loss", info.device),
                     shard=Shard(info.rank * local, cfg.train.batch_size), cond=cond)
-            diagnostics.update(targets, getattr(loss_fn, "weighted", _unweighted))
+            diagnostics.update(targets, loss_fn.weighted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if ddp is None and not fsdp:
-                D.all_reduce_gradients(model, info.world_size)
-            keys, values = _step_values({**stats, "grad_norm": _grad_norm(model, cfg.train.grad_clip)}, info)
+            par.average_gradients()
+            keys, values = _step_values({**stats, "grad_norm": P.grad_norm(model, cfg.train.grad_clip)}, info)
             state.step += 1
-            apply_step(optimizer, ema, model, guard.observe(values[keys.index("loss")], values[keys.index("grad_norm")], state.step))
+            apply_step(optimizer, ema, model, guard.observe(values[keys.index("loss")], values[keys.index("grad_norm")], state.step),
+                       state.step)
             if step == 0 or state.step == cfg.train.steps:
                 D.check_in_sync(model, info, state.step)
             window.add(keys, values)
@@ -136,11 +136,12 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
             read = log_now or save_now  # the only steps whose results the host reads
             report = _read(state, guard, window, diagnostics if log_now else None, info, out, logger) if read else {}
             logger.step(step, {**report, "lr": lr}, log=log_now)
-            step_stats = StepStats({**dict(zip(keys, values)), "lr": lr, "bad_steps": guard.counters[0]})
-            for hook in hooks:
-                hook.after_step(state.step, step_stats, model)
+            if hooks:
+                step_stats = StepStats({**dict(zip(keys, values)), "lr": lr, "bad_steps": guard.counters[0]})
+                for hook in hooks:
+                    hook.after_step(state.step, step_stats, model)
             if cfg.train.sample_every and state.step % cfg.train.sample_every == 0:
-                weights = _full_state(ema.state_dict(0))  # every rank: gathers the shards when sharded
+                weights = P.full_state(ema.state_dict(0))  # every rank: gathers the shards when sharded
                 if info.is_main:
                     net = ema_model(spec, weights, info.device)
                     _write_samples(net, train_set, cfg, out / "samples" / f"step_{state.step:08d}", info.device)
@@ -157,21 +158,6 @@ def _train(cfg: Config, out: Path, resume: bool, dataset, info: D.DistInfo, hook
         logger.close()
         stop.restore()
     return out
-
-
-def _fsdp(cfg: Config, info: D.DistInfo) -> bool:
-    """Whether to shard the model with FSDP2 (``train.parallel=fsdp`` with several processes); ConfigError
-    when the configuration cannot run under it (whatever the number of processes)."""
-    if cfg.train.parallel != "fsdp":
-        return False
-    jvp = cfg.objective.resolved().get("jvp")
-    if cfg.train.compile or (jvp is not None and jvp not in D.ONE_FORWARD_JVP_MODES):
-        raise ConfigError(
-            f"train.parallel=fsdp needs a loss that runs the model's forward once with gradients, without compile "
-            f"(objective.jvp={jvp}, train.compile={cfg.train.compile}); set objective.jvp to one of "
-            f"{', '.join(D.ONE_FORWARD_JVP_MODES)} and train.compile=false, or use train.parallel=ddp"
-        )
-    return info.enabled
 
 
 def _prepare_out(out: Path, info: D.DistInfo, resume: bool) -> None:
@@ -195,14 +181,11 @@ def _initialise(model: nn.Module, init: InitConfig, report=None) -> None:
         loaded = load_pretrained(init.path, weights="ema" if init.ema else "model")
     except (PretrainedError, FileNotFoundError) as err:
         raise ConfigError(f"init.path={init.path}: {err}") from None
-    theirs = loaded.model.state_dict()
-    problems = state_mismatch(model.state_dict(), theirs, shown=3)
-    if problems:
-        raise ConfigError(
-            f"init.path={init.path} holds {loaded.spec['name']} {loaded.spec['kwargs']}, which does not fit the configured "
-            f"model {type(model).__name__} ({' | '.join(problems)}); set model.name / model.kwargs to match it"
-        )
-    model.load_state_dict(theirs)
+    try:
+        fill_model(model, loaded.model.state_dict(), f"init.path={init.path} holds {loaded.spec['name']} {loaded.spec['kwargs']}, which",
+                   "set model.name / model.kwargs to match it", target=f"the configured model {type(model).__name__}")
+    except PretrainedError as err:
+        raise ConfigError(str(err)) from None
     if report:
         report(f"initialised from {init.path}: {loaded.describe()}; optimizer and schedule start afresh")
 
@@ -236,18 +219,6 @@ def _batch(x: torch.Tensor, labels: torch.Tensor | None, step: int, info: D.Dist
     return x, None if labels is None else labels.to(info.device, non_blocking=True), cond
 
 
-def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
-    """The global gradient norm (0-d, on the device; of the whole gradients when they are sharded), after
-    clipping the gradients to ``clip`` when > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return D.local(next(model.parameters())).new_zeros(())
-    norm = D.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    if clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-    return norm
-
-
 def _step_values(stats: dict[str, torch.Tensor | float], info: D.DistInfo) -> tuple[tuple[str, ...], torch.Tensor]:
     """(names, values (K,) float64 on the device): one step's statistics averaged over processes, no host read."""
     values = torch.stack([torch.as_tensor(v, device=info.device).double() for v in stats.values()])
@@ -270,18 +241,13 @@ def _read(state: TrainState, guard: NonFiniteGuard, window: StatsWindow, diagnos
     return {**window.means(keys, sums), "bad_steps": bad, **(diagnostics.report(bins) if bins else {})}
 
 
-def _unweighted(d: torch.Tensor) -> torch.Tensor:
-    """Loss terms of an objective without adaptive weighting: the squared errors d (B,) themselves."""
-    return d
-
-
 def _save(out, model, optimizer, ema: EMA, state: TrainState, meta, cfg: Config, info: D.DistInfo) -> Path | None:
     """Write a checkpoint of full (unsharded) state dicts from rank 0; every rank takes part (gathers shards)."""
     path = None
-    weights = {"model.safetensors": _full_state(model.state_dict())}
-    for i, decay in enumerate(ema.decays):
-        weights[EMA.file_name(i, decay)] = _full_state(ema.state_dict(i))
-    optimizer_state = _full_optimizer_state(optimizer)
+    weights = {"model.safetensors": P.full_state(model.state_dict())}
+    for i, name in enumerate(ema.file_names()):
+        weights[name] = P.full_state(ema.state_dict(i))
+    optimizer_state = P.full_optimizer_state(optimizer)
     if info.is_main:
         files = dict(weights)
         files["trainer_state.pt"] = {
@@ -304,53 +270,16 @@ def _restore(out: Path, spec, model, optimizer, ema: EMA, info: D.DistInfo) -> T
     meta = ckpt.read_meta(path)
     if meta.get("model") != spec:
         raise ConfigError(f"checkpoint {path} was trained with model {meta.get('model')} but the config builds {spec}; resume with the run's own config.yaml")
-    _load_weights(model, ckpt.read_weights(path / "model.safetensors"), path)
-    for i, decay in enumerate(ema.decays):
-        ema.load_state_dict(i, ckpt.read_weights(path / EMA.file_name(i, decay)))
+    fill_model(model, ckpt.read_weights(path / "model.safetensors"), f"weights in {path}",
+               "different model config? resume with the run's own config.yaml", load=P.load_full_state)
+    for i, name in enumerate(ema.file_names()):
+        ema.load_state_dict(i, ckpt.read_weights(path / name))
     saved = ckpt.read_state(path)
-    load_optimizer_state(optimizer, _sharded_optimizer_state(optimizer, saved["optimizer"]))
+    load_optimizer_state(optimizer, P.sharded_optimizer_state(optimizer, saved["optimizer"]))
     restore_rng_states(saved)
     if report:
         report(f"resuming from {path} (step {saved['step']})")
     return TrainState(step=saved["step"], bad_steps=saved["bad_steps"], consecutive_bad=saved["consecutive_bad"])
-
-
-def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Load the full state dict ``weights`` into ``model``, into this rank's shards when it is sharded."""
-    try:
-        if D.is_sharded(model):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # ~1 s import, FSDP only
-
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise RuntimeError(f"weights in {path} do not match the model (different model config?): {err}") from err
-
-
-def _full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with every DTensor gathered into its full tensor (a collective: call it on all ranks)."""
-    return {k: D.full_tensor(v) for k, v in state.items()}
-
-
-def _full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with full tensors (the layout of an unsharded optimizer; call it on all ranks)."""
-    state = optimizer.state_dict()
-    return {**state, "state": {i: _full_state(values) for i, values in state["state"].items()}}
-
-
-def _sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """A saved (full) optimizer state dict with each per-parameter tensor laid out like its parameter."""
-    params = dict(enumerate(p for group in optimizer.param_groups for p in group["params"]))
-    return {**state, "state": {i: {k: _layout(v, params.get(i)) if k != "step" else v for k, v in values.items()}
-                               for i, values in state["state"].items()}}
-
-
-def _layout(value: Any, param: torch.Tensor | None) -> Any:
-    """``value`` sharded like ``param`` when it is a tensor of the parameter's shape (moments), else as it is."""
-    if param is None or not torch.is_tensor(value) or value.shape != param.shape:
-        return value
-    return D.shard_like(value, param)
 
 
 def _meta(spec, data: Dataset, cfg: Config) -> dict[str, Any]:
@@ -374,19 +303,13 @@ def ema_model(spec: dict[str, Any], weights: dict[str, torch.Tensor], device: to
     cast to the model's dtype); built without touching the global random state."""
     with torch.random.fork_rng(devices=[]):
         net = build_model(spec)
-    dtype = next(net.parameters()).dtype
-    net.load_state_dict({k: v.to(dtype) for k, v in weights.items()})
-    return net.to(device).eval()
+    return fill_model(net, weights, "the EMA weights", target=spec["name"]).to(device).eval()
 
 
 def _autocast(cfg: Config, device: torch.device):
     if cfg.train.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _maybe_compile(model: nn.Module, cfg: Config):
-    return torch.compile(model) if cfg.train.compile else model
 
 
 class _StopFlag:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .normalisation import denormalise
+from .normalisation import channel_statistics, denormalise
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -76,7 +76,7 @@ def decode(latents: torch.Tensor, info: dict[str, Any], device: str | torch.devi
     Undoes the normalisation recorded in ``info`` (:func:`denormalise`) and runs the decoder
     of ``info["vae"]`` (or ``vae``, e.g. a local copy when the recorded path moved).
     """
-    missing = [k for k, present in (("vae", vae or "vae" in info), ("latent_scale", "latent_scale" in info or "latent_mean" in info)) if not present]
+    missing = [k for k, present in (("vae", vae or "vae" in info), ("latent_scale", "latent_scale" in info or channel_statistics(info) is not None)) if not present]
     if missing:
         raise ValueError(f"the data info has no {', '.join(missing)}: these samples do not come from a latent data set")
     model = load_vae(vae or info["vae"], device)
